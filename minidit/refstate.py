@@ -1,0 +1,109 @@
+"""RefState: the one explicit object that tells the transformer what reference images do in a forward pass.
+
+Both personalization methods run the reference as extra items at the front of the batch,
+
+    batch = [ref_0, ..., ref_{n_ref-1}, target_0, ..., target_{T-1}]
+
+and touch the target in only two places of every block (see `DoubleStreamBlock.forward` and
+`SingleStreamBlock.forward` in transformer.py):
+
+1. token replacement  (Personalize Anything, t > τ): after the q/k/v projection, the target's image-token rows
+   at `dst[r]` are overwritten by reference r's rows at `src[r]`. The projection and the QK-norm are row-wise,
+   so this is exactly "replace the tokens before the q/k/v projections"; the MLP path and the residual stream
+   are left alone, as in the authors' code. The target keeps its own positions (RoPE comes after).
+2. reference keys/values (Personalize Anything t ≤ τ, FreeCus on vital layers): the target's joint attention
+   also sees the reference's image keys/values — masked to the subject, keys scaled by λ_r, text keys by λ_p —
+   through the single `attention(...)` entry. The reference items themselves attend normally.
+
+Layers are counted over the double blocks then the single blocks (FLUX.1: 0-18 double, 19-56 single).
+"""
+from __future__ import annotations
+
+from collections.abc import Container
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .rope import apply_rope
+
+POSITIONS = ("own", "target", "zero")
+
+
+@dataclass
+class RefState:
+    n_ref: int                                  # the first n_ref batch items are reference branches
+    src: list[Tensor]                           # per reference: its subject's image-token indices (its own grid)
+    dst: list[Tensor] | None = None             # per reference: target image-token indices they map to (None: = src)
+    replace: bool = False                       # 1. overwrite target rows dst[r] with reference rows src[r]
+    share: bool = False                         # 2. reference K/V join the target's attention ...
+    layers: Container[int] | None = None        # ... on these layers (None: every layer)
+    positions: str = "own"                      # RoPE of shared reference keys: "own" = the reference's own
+                                                # positions (FreeCus), "target" = positions of dst (Personalize
+                                                # Anything's code), "zero" = position (0,0,0) (its paper)
+    lambda_ref: float = 1.0                     # λ_r: logit scale of reference keys
+    lambda_txt: float = 1.0                     # λ_p: logit scale of the target's text keys (only where shared)
+    mask_mode: str = "exclude"                  # masked reference keys: "exclude" or "zero" (see attention.py)
+    last_layer: int | None = None               # reference items leave the batch after this layer (FreeCus needs
+                                                # them only up to the last vital layer); None: keep to the end
+    trace: list | None = field(default=None, repr=False)  # tests: blocks append (layer, q, k, v) image rows
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if len(self.src) != self.n_ref or (self.dst is not None and len(self.dst) != self.n_ref):
+            raise ValueError(f"need one src (and dst) index set per reference: n_ref={self.n_ref}, "
+                             f"got {len(self.src)} src and {None if self.dst is None else len(self.dst)} dst")
+        for s, d in zip(self.src, self.dst or self.src):
+            if s.numel() != d.numel():
+                raise ValueError(f"src and dst must have the same number of tokens, got {s.numel()} and {d.numel()}")
+
+    def targets(self, r: int) -> Tensor:
+        return self.src[r] if self.dst is None else self.dst[r]
+
+    def shares(self, layer: int) -> bool:
+        return self.share and (self.layers is None or layer in self.layers)
+
+    # -- 1. token replacement -------------------------------------------------------------------------------
+    def replace_tokens(self, x: Tensor, offset: int = 0) -> Tensor:
+        """x (B, H, L, D) q, k or v; image tokens start at `offset`. Returns x with every target's rows at
+        dst[r] set to reference r's rows at src[r]."""
+        x = x.clone()
+        n = self.n_ref
+        for r in range(n):
+            src, dst = self.src[r].to(x.device) + offset, self.targets(r).to(x.device) + offset
+            x[n:, :, dst] = x[r:r + 1, :, src]
+        return x
+
+    # -- 2. reference keys/values ------------------------------------------------------------------------------
+    def reference_kv(self, k: Tensor, v: Tensor, pe: Tensor, n_txt: int) -> tuple[Tensor, Tensor, Tensor]:
+        """From the whole batch's un-rotated k, v (B, H, L, D) and pe (B, 1, L, D/2, 2, 2), the reference keys
+        and values every target sees: (T, H, R, D) each, keys rotated, and the subject mask (T, R) bool.
+
+        positions="own": all image tokens of every reference at their own positions, with the subject mask
+        (the attention kernel skips fully masked key blocks); otherwise only the subject tokens, gathered,
+        rotated at their target positions (or not at all for "zero"), mask all true.
+        """
+        n, T = self.n_ref, k.shape[0] - self.n_ref
+        ks, vs, ms = [], [], []
+        for r in range(n):
+            if self.positions == "own":
+                kr = apply_rope(k[r:r + 1, :, n_txt:], pe[r:r + 1, :, n_txt:])
+                vr = v[r:r + 1, :, n_txt:]
+                m = torch.zeros(kr.shape[2], dtype=torch.bool, device=k.device)
+                m[self.src[r].to(k.device)] = True
+            else:
+                src = self.src[r].to(k.device) + n_txt
+                kr, vr = k[r:r + 1, :, src], v[r:r + 1, :, src]
+                if self.positions == "target":
+                    dst = self.targets(r).to(k.device) + n_txt
+                    kr = apply_rope(kr, pe[n:n + 1, :, dst])
+                m = torch.ones(kr.shape[2], dtype=torch.bool, device=k.device)
+            ks.append(kr), vs.append(vr), ms.append(m)
+        rk = torch.cat(ks, dim=2).expand(T, -1, -1, -1)
+        rv = torch.cat(vs, dim=2).expand(T, -1, -1, -1)
+        return rk, rv, torch.cat(ms).expand(T, -1)
+
+    def record(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> None:
+        if self.trace is not None:
+            self.trace.append((layer, q.detach().clone(), k.detach().clone(), v.detach().clone()))

@@ -1,0 +1,1 @@
+"""Checkpoint tools (tiny official-layout checkpoints, conversions), installed as `minidit.weights`."""

@@ -1,0 +1,98 @@
+"""Tiny random FLUX transformers written in the official layouts, for tests and the built-in demo.
+
+    write_tiny_flux("flux1-dev.safetensors", TINY)                      # BFL single file
+    write_tiny_flux("repo/transformer", TINY, layout="diffusers")        # diffusers folder, sharded
+
+Same key names as the real checkpoints, small widths/depths; deterministic from the seed (each tensor is drawn
+from its own generator seeded by (seed, key), so adding a key never changes the others).
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from minidit.transformer import Flux, FluxConfig
+
+# width 64, 4 heads of 16 (RoPE split 4+6+6), 2 double + 2 single blocks, tiny text widths
+TINY = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=32, hidden_size=64, mlp_ratio=4.0,
+                  num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6), qkv_bias=True, guidance_embed=True)
+
+
+def random_state_dict(cfg: FluxConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """BFL-named random tensors with sensible scales: weights ~ N(0, 1/fan_in), biases and norm scales near 0 / 1."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Flux(cfg).state_dict().items()}
+    out = {}
+    for k, shape in shapes.items():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(k.encode()))
+        x = torch.randn(shape, generator=g)
+        if k.endswith(".scale"):                      # QK RMSNorm scales
+            x = 1.0 + 0.1 * x
+        elif k.endswith(".bias"):
+            x = 0.05 * x
+        else:
+            x = x / shape[-1] ** 0.5
+        out[k] = x.contiguous()
+    return out
+
+
+def bfl_to_diffusers(sd: dict[str, torch.Tensor], cfg: FluxConfig) -> dict[str, torch.Tensor]:
+    """Inverse of minidit.transformer.diffusers_to_bfl_plan: split fused qkv/linear1, swap the final scale/shift."""
+    from minidit.transformer import diffusers_to_bfl_plan
+    h, mlp = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+    out = {}
+    for bfl, (op, srcs) in diffusers_to_bfl_plan(cfg.depth, cfg.depth_single_blocks, cfg.guidance_embed).items():
+        t = sd[bfl]
+        if op == "copy":
+            out[srcs[0]] = t
+        elif op == "swap":
+            a, b = t.chunk(2, dim=0)
+            out[srcs[0]] = torch.cat([b, a], dim=0)
+        elif op == "cat":
+            sizes = [h, h, h] + ([mlp] if len(srcs) == 4 else [])
+            for name, part in zip(srcs, t.split(sizes, dim=0)):
+                out[name] = part.contiguous()
+    return out
+
+
+def diffusers_config(cfg: FluxConfig) -> dict:
+    return {
+        "_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1",
+        "patch_size": 1, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "num_layers": cfg.depth, "num_single_layers": cfg.depth_single_blocks,
+        "attention_head_dim": cfg.head_dim, "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_in_dim, "pooled_projection_dim": cfg.vec_in_dim,
+        "guidance_embeds": cfg.guidance_embed, "axes_dims_rope": list(cfg.axes_dim),
+    }
+
+
+def write_tiny_flux(path, cfg: FluxConfig = TINY, seed: int = 0, layout: str = "bfl", dtype=torch.float32,
+                    shards: int = 2) -> Path:
+    """Write a tiny FLUX transformer. layout "bfl": one safetensors file at `path`; "diffusers": a folder
+    `path` with config.json, `diffusion_pytorch_model-0000N-of-0000M.safetensors` shards and the index json."""
+    path = Path(path)
+    sd = {k: v.to(dtype) for k, v in random_state_dict(cfg, seed).items()}
+    if layout == "bfl":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(path), metadata={"axes_dim": ",".join(map(str, cfg.axes_dim)), "format": "pt"})
+        return path
+    if layout != "diffusers":
+        raise ValueError(f"layout must be 'bfl' or 'diffusers', got {layout!r}")
+    path.mkdir(parents=True, exist_ok=True)
+    dsd = bfl_to_diffusers(sd, cfg)
+    keys = sorted(dsd)
+    parts = [keys[i::shards] for i in range(shards)]
+    weight_map = {}
+    for i, part in enumerate(parts):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: dsd[k] for k in part}, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in dsd.values())
+    (path / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
+    return path
