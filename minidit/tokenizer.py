@@ -1,0 +1,196 @@
+"""The two FLUX.1 tokenizers, giving the same ids as the transformers tokenizers `FluxPipeline` uses.
+
+    T5Tokenizer(".../tokenizer_2", max_length=512)(prompts)   -> LongTensor (B, max_length)   (256 for schnell)
+    CLIPTokenizer(".../tokenizer")(prompts)                  -> LongTensor (B, 77)
+
+T5 (SentencePiece unigram, `spiece.model`): pieces + `</s>` (id 1), padded with `<pad>` (id 0). The pieces,
+scores and normalization table are read from spiece.model and run through the same `tokenizers` pipeline
+transformers builds for `T5TokenizerFast` (v5): the model's Precompiled (nmt_nfkc) normalizer, split on Unicode
+whitespace, "▁" before every word, unigram Viterbi. Raw sentencepiece differs from it on rare inputs (the
+Precompiled normalizer replaces a whole grapheme cluster by the mapping of its first character, so a space
+followed by a combining mark loses the mark; it splits on U+0085/U+1680/U+2029 which sentencepiece keeps), and
+FLUX's ids are transformers' ids. Special tokens written in a prompt (`</s>`, `<pad>`, `<unk>`, `<extra_id_N>`)
+become their ids, as in transformers. The 100 `<extra_id_N>` sentinels follow the pieces, last first:
+`<extra_id_0>` = pieces + 99 (32099 for T5).
+
+CLIP (byte-level BPE, `vocab.json` + `merges.txt`): the pipeline of transformers' `CLIPTokenizer` rebuilt with
+the `tokenizers` library (NFC, runs of whitespace -> one space, lower case; CLIP's word-splitting regex; BPE
+with `</w>` word ends), then `<|startoftext|>` (49406) ... `<|endoftext|>` (49407), padded with 49407.
+
+Longer prompts are truncated to max_length (keeping the final end token) with a `warnings.warn` saying how many
+tokens were dropped. Both tokenizers take a str or a list of str; the empty prompt is allowed.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def _as_list(prompts: str | list[str]) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):
+        if not prompts:
+            raise ValueError("tokenizer: got an empty list of prompts")
+        return list(prompts)
+    raise TypeError(f"tokenizer: expected a str or a list of str, got {type(prompts).__name__}")
+
+
+def _finish(ids: list[int], max_length: int, end: int, what: str, index: int) -> list[int]:
+    """Truncate `ids` (which end with the end token) to max_length keeping the end token; warn if anything goes."""
+    if len(ids) > max_length:
+        dropped = len(ids) - max_length
+        warnings.warn(f"{what}: prompt {index} has {len(ids)} tokens; {dropped} token(s) past max_length="
+                      f"{max_length} were dropped", stacklevel=3)
+        ids = ids[:max_length - 1] + [end]
+    return ids
+
+
+def _protobuf_field(buf: bytes, number: int) -> bytes | None:
+    """The first length-delimited field `number` of a serialized protobuf message (enough to read one
+    field of spiece.model without a protobuf dependency)."""
+    i = 0
+
+    def varint():
+        nonlocal i
+        shift = value = 0
+        while True:
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return value
+
+    while i < len(buf):
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            varint()
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n = varint()
+            if field == number:
+                return buf[i:i + n]
+            i += n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    return None
+
+
+class T5Tokenizer:
+    """T5 tokenizer from a `tokenizer_2/` folder (spiece.model, and optionally the tokenizer_config.json whose
+    `extra_ids` is read) or a `.model` file."""
+
+    pad_id, eos_id, unk_id = 0, 1, 2
+
+    def __init__(self, path: str | Path, max_length: int = 512):
+        import sentencepiece as spm
+        from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+        from tokenizers.models import Unigram
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"T5 tokenizer not found: {path}")
+        model_file = path / "spiece.model" if path.is_dir() else path
+        if not model_file.is_file():
+            raise FileNotFoundError(f"T5 tokenizer: {model_file} is missing (the SentencePiece model)")
+        if max_length < 1:
+            raise ValueError(f"T5 tokenizer: max_length must be >= 1, got {max_length}")
+        extra_ids = 100
+        config = model_file.parent / "tokenizer_config.json"
+        if config.is_file():
+            extra_ids = int(json.loads(config.read_text()).get("extra_ids", 100))
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"T5 tokenizer: cannot read {model_file} as a SentencePiece model ({e})") from None
+        if (sp.pad_id(), sp.eos_id(), sp.unk_id()) != (0, 1, 2):
+            raise ValueError(f"T5 tokenizer: {model_file} must have pad=0, eos=1, unk=2 (T5's layout), got "
+                             f"pad={sp.pad_id()}, eos={sp.eos_id()}, unk={sp.unk_id()}")
+        n = sp.get_piece_size()
+        extra = [f"<extra_id_{i}>" for i in range(extra_ids)]
+        vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(n)] + [(t, 0.0) for t in reversed(extra)]
+
+        tok = Tokenizer(Unigram(vocab, unk_id=self.unk_id, byte_fallback=False))
+        spec = _protobuf_field(sp.serialized_model_proto(), 3)  # ModelProto.normalizer_spec
+        charsmap = _protobuf_field(spec, 2) if spec else None   # NormalizerSpec.precompiled_charsmap
+        if charsmap:
+            tok.normalizer = normalizers.Precompiled(charsmap)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True),
+        ])
+        specials = [sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]  # pad eos unk
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials + extra])
+        self.tok, self.max_length, self.vocab_size = tok, max_length, n + extra_ids
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of one prompt followed by `</s>`, without truncation or padding."""
+        return self.tok.encode(text, add_special_tokens=False).ids + [self.eos_id]
+
+    def __call__(self, prompts: str | list[str]) -> Tensor:
+        """(B, max_length) int64: ids + `</s>`, truncated (with a warning) or padded with 0."""
+        rows = []
+        for i, p in enumerate(_as_list(prompts)):
+            ids = _finish(self.encode(p), self.max_length, self.eos_id, "T5 tokenizer", i)
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+class CLIPTokenizer:
+    """CLIP byte-level BPE tokenizer from a `tokenizer/` folder (vocab.json + merges.txt)."""
+
+    bos_id, eos_id = 49406, 49407
+    # CLIP's word splitting (the regex of OpenAI's tokenizer, as transformers writes it)
+    PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+    def __init__(self, folder: str | Path, max_length: int = 77):
+        from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"CLIP tokenizer folder not found: {folder}")
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"CLIP tokenizer: {folder / name} is missing")
+        if max_length < 2:
+            raise ValueError(f"CLIP tokenizer: max_length must be >= 2, got {max_length}")
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        bos, eos = "<|startoftext|>", "<|endoftext|>"
+        if vocab.get(bos) != self.bos_id or vocab.get(eos) != self.eos_id:
+            raise ValueError(f"CLIP tokenizer: {folder / 'vocab.json'} must map {bos} to {self.bos_id} and {eos} "
+                             f"to {self.eos_id}, got {vocab.get(bos)} and {vocab.get(eos)}")
+        tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                            fuse_unk=False, unk_token=eos))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(self.PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (bos, eos)])
+        self.tok, self.max_length = tok, max_length
+        self.vocab_size = len(vocab)
+
+    def encode(self, text: str) -> list[int]:
+        """BOS + ids + EOS of one prompt, without truncation or padding."""
+        return [self.bos_id] + self.tok.encode(text, add_special_tokens=False).ids + [self.eos_id]
+
+    def __call__(self, prompts: str | list[str]) -> Tensor:
+        """(B, max_length) int64: BOS ids EOS, truncated (with a warning) or padded with EOS (49407)."""
+        rows = []
+        for i, p in enumerate(_as_list(prompts)):
+            ids = _finish(self.encode(p), self.max_length, self.eos_id, "CLIP tokenizer", i)
+            rows.append(ids + [self.eos_id] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
