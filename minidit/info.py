@@ -1,0 +1,58 @@
+"""`minidit info PATH`: what a FLUX.1 weights folder contains, read from safetensors headers only (no tensors)."""
+from __future__ import annotations
+
+from collections import Counter
+from math import prod
+from pathlib import Path
+
+from .loading import CheckpointError, LazyStateDict, find_safetensors
+
+COMPONENTS = [  # (name, candidates relative to the root, what it is)
+    ("transformer", ["flux1-dev.safetensors", "flux1-schnell.safetensors", "flux1-*.safetensors", "transformer"], "FLUX MMDiT"),
+    ("ae", ["ae.safetensors", "vae"], "autoencoder"),
+    ("text_encoder", ["text_encoder"], "CLIP-L text encoder"),
+    ("text_encoder_2", ["text_encoder_2"], "T5-v1.1-XXL encoder"),
+    ("tokenizer", ["tokenizer/vocab.json"], "CLIP tokenizer"),
+    ("tokenizer_2", ["tokenizer_2/spiece.model", "tokenizer_2/tokenizer.json"], "T5 tokenizer"),
+]
+
+
+def _find(root: Path, candidates: list[str]) -> Path | None:
+    for c in candidates:
+        hits = sorted(root.glob(c))
+        if hits:
+            return hits[0]
+    return None
+
+
+def describe(path: str | Path) -> str:
+    from .pipeline import resolve_weights
+    root = resolve_weights(path)
+    lines = [f"weights: {root}"]
+    missing = []
+    variant = "unknown"
+    for name, candidates, what in COMPONENTS:
+        p = _find(root, candidates)
+        if p is None:
+            missing.append(name)
+            lines.append(f"  {name:<15} MISSING ({what}: looked for {', '.join(candidates)})")
+            continue
+        if p.suffix in (".json", ".model"):
+            lines.append(f"  {name:<15} {p.relative_to(root)}")
+            continue
+        try:
+            sd = LazyStateDict(find_safetensors(p) if p.is_dir() else [p])
+        except CheckpointError as e:
+            lines.append(f"  {name:<15} UNREADABLE: {e}")
+            missing.append(name)
+            continue
+        n = sum(prod(sd.shape(k)) for k in sd)
+        dtypes = Counter(str(sd.dtype(k)).replace("torch.", "") for k in sd)
+        if name == "transformer":
+            variant = "dev" if any(k.startswith(("guidance_in.", "time_text_embed.guidance_embedder.")) for k in sd) else "schnell"
+        size = sum(prod(sd.shape(k)) * sd.dtype(k).itemsize for k in sd)
+        lines.append(f"  {name:<15} {str(p.relative_to(root)):<32} {n / 1e6:10.1f} M params  {size / 2**30:6.2f} GiB  "
+                     f"{', '.join(f'{d} x{c}' for d, c in dtypes.most_common())}")
+    lines.insert(1, f"variant: FLUX.1-{variant}" if variant != "unknown" else "variant: unknown (no transformer)")
+    lines.append("complete: yes" if not missing else f"complete: no (missing {', '.join(missing)})")
+    return "\n".join(lines)

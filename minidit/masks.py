@@ -1,0 +1,147 @@
+"""Subject masks on the token grid (pure functions) and the `Reference` a personalization method takes.
+
+A FLUX image token covers a 16x16 pixel patch (8x VAE downsampling, then 2x2 packing). A pixel mask (white =
+subject) becomes a token mask by area: a token belongs to the subject when at least `threshold` (default 0.5)
+of its 16x16 patch is subject.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PATCH = 16  # pixels per token side
+THRESHOLD = 0.5
+
+
+@dataclass
+class Reference:
+    """A subject to personalize with: an image (path, PIL or (3, H, W) tensor in [-1, 1]), its subject mask
+    (path, PIL, (H, W) tensor in [0, 1], or a box (x, y, w, h) in pixels as shorthand; None = the whole image),
+    and the prompt describing the reference image (None = the method's default)."""
+    image: object
+    mask: object = None
+    prompt: str | None = None
+
+
+def box_mask(box: tuple[int, int, int, int], height: int, width: int) -> Tensor:
+    """(x, y, w, h) pixel box -> (H, W) float mask. Errors if the box is empty or leaves the canvas."""
+    x, y, w, h = (int(v) for v in box)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"box {box} is empty (w and h must be > 0)")
+    if x < 0 or y < 0 or x + w > width or y + h > height:
+        raise ValueError(f"box {box} (x, y, w, h) lies outside the {width}x{height} canvas")
+    m = torch.zeros(height, width)
+    m[y:y + h, x:x + w] = 1.0
+    return m
+
+
+def token_mask(mask: Tensor, threshold: float = THRESHOLD) -> Tensor:
+    """(H, W) pixel mask in [0, 1] -> (H/16, W/16) bool token mask by area (average over each 16x16 patch)."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {tuple(mask.shape)}")
+    H, W = mask.shape
+    if H % PATCH or W % PATCH:
+        raise ValueError(f"mask size {W}x{H} is not a multiple of {PATCH}")
+    area = F.avg_pool2d(mask.float()[None, None], PATCH)[0, 0]
+    return area >= threshold
+
+
+def token_indices(tokens: Tensor) -> Tensor:
+    """(h, w) bool token mask -> flat indices (row-major, like the packed latent) of the True tokens."""
+    return tokens.flatten().nonzero().flatten()
+
+
+def require_nonempty(tokens: Tensor, what: str = "mask") -> Tensor:
+    if not tokens.any():
+        raise ValueError(f"{what} is empty: no 16x16 token is at least {THRESHOLD:.0%} covered "
+                         "(white = subject); draw a larger region or lower the threshold")
+    return tokens
+
+
+# ------------------------------------------------------- layout and patch perturbation (Personalize Anything)
+# All on the (h, w) bool token grid, pure, and seeded through an explicit torch.Generator.
+
+def pixels_to_tokens(value: int, what: str = "offset") -> int:
+    """A pixel distance -> tokens. Must be a multiple of 16 (a token is a 16x16 patch), else a clear error."""
+    value = int(value)
+    if value % PATCH:
+        raise ValueError(f"{what} {value} px is not a multiple of {PATCH} px (one token); "
+                         f"round it to a multiple of {PATCH}")
+    return value // PATCH
+
+
+def translate(tokens: Tensor, dy: int, dx: int) -> Tensor:
+    """Move a (h, w) token mask by (dy, dx) tokens. Errors if a masked token would leave the grid."""
+    h, w = tokens.shape
+    rows, cols = tokens.nonzero(as_tuple=True)
+    if rows.numel() and (rows.min() + dy < 0 or cols.min() + dx < 0 or rows.max() + dy >= h or cols.max() + dx >= w):
+        raise ValueError(f"placing the subject by ({dx * PATCH}, {dy * PATCH}) px (x, y) moves it outside the "
+                         f"{w * PATCH}x{h * PATCH} canvas")
+    out = torch.zeros_like(tokens)
+    out[rows + dy, cols + dx] = True
+    return out
+
+
+def bbox(tokens: Tensor) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the True tokens, bottom/right exclusive."""
+    rows, cols = require_nonempty(tokens).nonzero(as_tuple=True)
+    return int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
+
+
+def box_offset(tokens: Tensor, box: tuple[int, int, int, int]) -> tuple[int, int]:
+    """Translation (dy, dx) in tokens that centres the subject's bounding box in the pixel box (x, y, w, h)
+    (rounded down to whole tokens). Translation does not scale: errors if the subject is larger than the box."""
+    h, w = tokens.shape
+    box_mask(box, h * PATCH, w * PATCH)  # validates the box against the canvas
+    x, y, bw, bh = (int(v) for v in box)
+    top, left, bottom, right = bbox(tokens)
+    if (bottom - top) * PATCH > bh or (right - left) * PATCH > bw:
+        raise ValueError(f"the subject ({(right - left) * PATCH}x{(bottom - top) * PATCH} px) does not fit in the "
+                         f"target box {box} (x, y, w, h): placement only translates; resize the reference instead")
+    cy2, cx2 = 2 * y + bh, 2 * x + bw                      # twice the box centre, in pixels
+    dy = (cy2 - (top + bottom) * PATCH) // (2 * PATCH)
+    dx = (cx2 - (left + right) * PATCH) // (2 * PATCH)
+    return int(dy), int(dx)
+
+
+def dilate(tokens: Tensor, kernel: int = 5) -> Tensor:
+    """Binary dilation with a kernel x kernel square (tokens outside the grid count as background)."""
+    return F.max_pool2d(tokens.float()[None, None], kernel, stride=1, padding=kernel // 2)[0, 0] > 0
+
+
+def erode(tokens: Tensor, kernel: int = 5) -> Tensor:
+    """Binary erosion with a kernel x kernel square. Tokens outside the grid are ignored (max-pool padding), so a
+    subject touching the border is not eaten from that side."""
+    return ~(F.max_pool2d((~tokens).float()[None, None], kernel, stride=1, padding=kernel // 2)[0, 0] > 0)
+
+
+def augment_mask(tokens: Tensor, generator: torch.Generator, kernel: int = 5) -> tuple[Tensor, str]:
+    """Mask augmentation: dilation or erosion (a fair coin from `generator`) with a kernel x kernel square.
+    If erosion would leave nothing (a subject thinner than the kernel) the mask is kept.
+    -> (mask, "dilate" | "erode" | "keep")."""
+    if torch.randint(2, (1,), generator=generator).item() == 0:
+        return dilate(tokens, kernel), "dilate"
+    out = erode(tokens, kernel)
+    return (out, "erode") if out.any() else (tokens, "keep")
+
+
+def local_shuffle(tokens: Tensor, generator: torch.Generator, window: int = 3) -> Tensor:
+    """Random local shuffle inside non-overlapping window x window blocks of the token grid.
+
+    Returns `perm` (h*w,) long with perm[p] = the flat index whose token moves to position p: inside every block the
+    masked positions are permuted among themselves (a bijection, so the multiset of tokens is kept), every other
+    position maps to itself. Apply as `src = perm[src]`."""
+    h, w = tokens.shape
+    flat = tokens.flatten()
+    idx = flat.nonzero().flatten()                                        # masked positions, row-major
+    rows, cols = idx // w, idx % w
+    block = (rows // window) * ((w + window - 1) // window) + cols // window
+    keys = torch.rand(idx.numel(), generator=generator, dtype=torch.float64)
+    by_block = idx[torch.argsort(block, stable=True)]                     # positions, grouped by block, in order
+    shuffled = idx[torch.argsort(block.double() * 2 + keys)]              # same groups, random order inside
+    perm = torch.arange(h * w)
+    perm[by_block] = shuffled
+    return perm

@@ -1,0 +1,23 @@
+"""The benchmark scripts run end to end (smoke mode on CPU), so they do not rot between GPU sessions."""
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run(*args):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_step_bench_smoke():
+    out = run("bench/step.py", "--smoke")
+    assert "diffusers" in out and "ratio" in out
+    assert "max abs diff of outputs: 0.000e+00" in out or float(out.split("max abs diff of outputs: ")[1].split()[0]) < 1e-4
+
+
+def test_load_memory_bench_small():
+    out = run("bench/load_memory.py", "--hidden", "128", "--heads", "2", "--depth", "1", "--single", "1",
+              "--compute", "float32")
+    assert "peak RSS / loaded model size" in out

@@ -1,0 +1,91 @@
+"""A whole tiny FLUX.1 repository in the official layout: the built-in checkpoint and the tests' fixture.
+
+    root/
+      flux1-dev.safetensors   (or flux1-schnell.safetensors)   BFL transformer
+      ae.safetensors                                            BFL autoencoder
+      transformer/  vae/                                        the same weights in the diffusers layout
+      text_encoder/  text_encoder_2/                            CLIP-L and T5 (sharded), Hugging Face layout
+      tokenizer/  tokenizer_2/                                  real CLIP vocabulary, a tiny SentencePiece model
+      scheduler/  model_index.json                              so diffusers' FluxPipeline reads it too
+
+Widths and depths are tiny and the weights random, so its pictures are noise: it exists to run every code
+path end to end (and to compare against diffusers), not to make images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from minidit.autoencoder import AutoEncoderConfig
+
+from .tiny_ae import write_tiny_ae
+from .tiny_flux import TINY, write_tiny_flux
+from .tiny_text import TINY_CLIP, TINY_T5, write_clip_tokenizer, write_t5_tokenizer, write_tiny_clip, write_tiny_t5
+
+VERSION = 1  # bump when the tiny repository's contents change, so cached copies are rebuilt
+
+SCHEDULERS = {
+    "dev": {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
+            "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
+            "use_dynamic_shifting": True},
+    "schnell": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
+                "use_dynamic_shifting": False},
+}
+MODEL_INDEX = {
+    "_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def write_tiny_repo(root: str | Path, variant: str = "dev", seed: int = 0, flux_cfg=None,
+                    ae_cfg: AutoEncoderConfig | None = None) -> Path:
+    """Write a complete tiny FLUX.1-{variant} repository (both layouts) to `root`. Deterministic from `seed`."""
+    if variant not in ("dev", "schnell"):
+        raise ValueError(f"variant must be 'dev' or 'schnell', got {variant!r}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = flux_cfg or replace(TINY, context_in_dim=TINY_T5.d_model, vec_in_dim=TINY_CLIP.hidden_size,
+                              guidance_embed=variant == "dev")
+    ae_cfg = ae_cfg or AutoEncoderConfig.tiny()
+    write_tiny_flux(root / f"flux1-{variant}.safetensors", cfg, seed=seed)
+    write_tiny_flux(root / "transformer", cfg, seed=seed, layout="diffusers")
+    write_tiny_ae(root / "ae.safetensors", ae_cfg, seed=seed)
+    write_tiny_ae(root / "vae", ae_cfg, seed=seed, layout="diffusers")
+    write_tiny_clip(root / "text_encoder", seed=seed)
+    write_tiny_t5(root / "text_encoder_2", seed=seed)
+    write_clip_tokenizer(root / "tokenizer")
+    write_t5_tokenizer(root / "tokenizer_2", model_max_length=512 if variant == "dev" else 256)
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULERS[variant], indent=2))
+    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    return root
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MINIDIT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minidit"))
+
+
+def tiny_repo(variant: str = "dev") -> Path:
+    """The built-in tiny checkpoint: written once into the cache (MINIDIT_CACHE, default ~/.cache/minidit),
+    atomically, then reused."""
+    root = cache_dir() / f"tiny-flux-{variant}-v{VERSION}"
+    if (root / "model_index.json").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))
+    try:
+        write_tiny_repo(tmp, variant)
+        try:
+            tmp.rename(root)
+        except OSError:  # another process won the race
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
