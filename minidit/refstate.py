@@ -47,6 +47,7 @@ class RefState:
     last_layer: int | None = None               # reference items leave the batch after this layer (FreeCus needs
                                                 # them only up to the last vital layer); None: keep to the end
     trace: list | None = field(default=None, repr=False)  # tests: blocks append (layer, q, k, v) image rows
+    _mask: Tensor | None = field(default=None, init=False, repr=False)  # the shared-key mask, built once
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -85,24 +86,35 @@ class RefState:
         rotated at their target positions (or not at all for "zero"), mask all true.
         """
         n, T = self.n_ref, k.shape[0] - self.n_ref
-        ks, vs, ms = [], [], []
+        ks, vs = [], []
         for r in range(n):
             if self.positions == "own":
-                kr = apply_rope(k[r:r + 1, :, n_txt:], pe[r:r + 1, :, n_txt:])
-                vr = v[r:r + 1, :, n_txt:]
-                m = torch.zeros(kr.shape[2], dtype=torch.bool, device=k.device)
-                m[self.src[r].to(k.device)] = True
+                ks.append(apply_rope(k[r:r + 1, :, n_txt:], pe[r:r + 1, :, n_txt:]))
+                vs.append(v[r:r + 1, :, n_txt:])
             else:
                 src = self.src[r].to(k.device) + n_txt
                 kr, vr = k[r:r + 1, :, src], v[r:r + 1, :, src]
                 if self.positions == "target":
-                    dst = self.targets(r).to(k.device) + n_txt
-                    kr = apply_rope(kr, pe[n:n + 1, :, dst])
-                m = torch.ones(kr.shape[2], dtype=torch.bool, device=k.device)
-            ks.append(kr), vs.append(vr), ms.append(m)
+                    kr = apply_rope(kr, pe[n:n + 1, :, self.targets(r).to(k.device) + n_txt])
+                ks.append(kr), vs.append(vr)
         rk = torch.cat(ks, dim=2).expand(T, -1, -1, -1)
         rv = torch.cat(vs, dim=2).expand(T, -1, -1, -1)
-        return rk, rv, torch.cat(ms).expand(T, -1)
+        return rk, rv, self.subject_mask(k.shape[2] - n_txt, T, k.device)
+
+    def subject_mask(self, n_img: int, T: int, device) -> Tensor:
+        """(T, R) bool over the shared reference keys; built once per RefState (same tensor for every layer, so
+        the attention kernel's per-mask block table is computed once)."""
+        if self._mask is None or self._mask.device != torch.device(device) or self._mask.shape[0] != T:
+            parts = []
+            for r in range(self.n_ref):
+                if self.positions == "own":  # all image tokens of the reference, the subject marked
+                    m = torch.zeros(n_img, dtype=torch.bool, device=device)
+                    m[self.src[r].to(device)] = True
+                else:  # only the gathered subject tokens
+                    m = torch.ones(self.src[r].numel(), dtype=torch.bool, device=device)
+                parts.append(m)
+            self._mask = torch.cat(parts).expand(T, -1)
+        return self._mask
 
     def record(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> None:
         if self.trace is not None:

@@ -1,0 +1,330 @@
+"""FreeCus (Zhang et al., ICCV 2025): training-free subject customization by pivotal attention sharing.
+
+    images = pipe.freecus("a corgi surfing a wave", Reference("corgi.png", mask="corgi_mask.png"),
+                          caption="a corgi with a fluffy orange-white coat and large upright ears")
+
+The method in one denoising step i (target time t_i, reference noise level σ'_i, see `reference_sigmas`):
+
+1. No inversion. The clean reference latent x_ref is noised directly to   z_i = (1 - σ'_i)·x_ref + σ'_i·ε
+   with one seeded ε, fixed for the whole run (`noised_reference`).
+2. One forward pass over the batch [z_i; target_0 .. target_{B-1}], driven by a `RefState` (refstate.py) that
+   says: item 0 is a reference (n_ref=1), its subject tokens are `src` (the token mask of the reference),
+   share its keys/values on the *vital layers* (`layers`), at its own positions (`positions="own"`), and the
+   reference may leave the batch after the last vital layer (`last_layer`).
+3. Follow a reference key into the target's attention on a vital layer l (transformer.py `joint_attention`):
+   every block projects q, k, v for the whole batch as usual; `RefState.reference_kv` takes batch item 0's
+   image-token keys, rotates them with item 0's own RoPE (the reference has the same grid as the target, so a
+   subject token at (row, col) keeps position (row, col)) and pairs them with the subject mask. The target then
+   attends over three key segments,
+
+        K' = [λ_r·K_ref (subject tokens only);  λ_p·K_txt;  K_img]      V' = [V_ref (subject);  V_txt;  V_img]
+
+   i.e. logit_j = s_j·(q·k_j)/√D with s = λ_r / λ_p / 1, and masked-out (background) reference tokens get no
+   weight at all ("exclude", what the authors' code does by gathering the subject indices). The reference
+   item itself attends normally. On every other layer the target attends normally; λ only acts on vital layers.
+4. The model returns the targets' velocities only; an Euler step moves the targets; the reference's output is
+   dropped (it is re-noised from x_ref at the next step, so it has no trajectory of its own).
+
+Facts taken from the authors' code (github.com/Monalissaa/FreeCus: infer.py, sa_handler_for_flux_clean.py,
+flux_utils.py, qwen_for_subject.py, seg_birefnet.py):
+- vital layers [0, 1, 2, 17, 18, 25, 28, 53, 54, 56], counted over the 19 double then 38 single blocks (the
+  order of diffusers' `attn_processors`). For a model of another depth, `default_vital_layers` maps each index
+  to the same relative place within its own block type (exact for FLUX.1; tiny 2+2 model: all four layers).
+- λ: the "save" pass stores `scale · K_ref` with `Handler.register`'s default scale 1.1 (λ_r = 1.1) and the
+  "use" pass multiplies the 512 text keys by `--extend_scale` (default 1.1, λ_p = 1.1), on vital layers only.
+- 30 steps, guidance 3.5, 512x512, seed 777, max_sequence_length 512 (FLUX.1-dev).
+- ANS: the reference latents are `scheduler.scale_noise(x_ref, t, ε)` over the schedule built from
+  sigmas = linspace(1, 1/n, n) with mu = -calculate_shift(seq_len) ("negative", the default `--mu_shift_type`):
+  σ'_i = e^{-μ} / (e^{-μ} + (1/s_i - 1)), s_i = 1 - i/n. The reference is still *run at the target's
+  timestep t_i*: the noised latents are swapped into a normal pipeline call (callback_on_step_end), whose time
+  embedding follows the normal schedule. `ref_time="sigma"` tells the model σ'_i instead.
+  ε: `randn` from `Generator("cpu").manual_seed(seed)` with the same seed as the target, i.e. the target's own
+  initial noise; here ε = `sampling.noise(1, H, W, seed)` (same seed default).
+- The reference prompt is the target's full prompt (prompt + caption): both passes get the same `prompt`.
+- Subject tokens: a BiRefNet mask at the target size, bilinearly downsampled to (H/16, W/16), tokens with value
+  > 0 kept. minidit takes any mask the user brings and uses `masks.token_mask` (a token is subject when >= 50%
+  of its 16x16 patch is): the same tokens inside the subject, slightly fewer on its border.
+- The reference image is resized to the target size; the VAE latent is sampled (we use its mean).
+- Subject caption: appended as `prompt + ". " + caption` (`with_caption`). The authors make it with two LLM
+  calls that anyone can reproduce with any captioner: a vision LLM (Qwen2-VL-7B-Instruct) is asked
+  `DESCRIBE_TEMPLATE` about the reference image, then a text LLM (Qwen2.5-7B-Instruct) distils it with
+  `FILTER_TEMPLATE` ({subject} = a subject word such as "stork", default "subject"). (The released infer.py
+  passes the *user prompt* to the filter step instead of the image description; the paper describes the image.)
+
+Not global state: nothing is stored across steps or layers; the reference K/V live only inside the forward pass
+that computes them. The reference costs one extra batch item up to the last vital layer: with FLUX.1's defaults
+(last vital layer 56 of 57) about 2x the compute of plain generation (bench/RESULTS.md, "FreeCus").
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from . import sampling
+from .masks import Reference, box_mask, require_nonempty, token_indices, token_mask
+from .refstate import RefState
+
+FLUX1_VITAL_LAYERS = (0, 1, 2, 17, 18, 25, 28, 53, 54, 56)  # for 19 double + 38 single blocks
+FLUX1_DEPTHS = (19, 38)
+LAMBDA_REF = 1.1       # λ_r: reference keys (Handler.register(scale=1.1) in the "save" pass)
+LAMBDA_PROMPT = 1.1    # λ_p: the target's text keys on vital layers (infer.py --extend_scale 1.1)
+DEFAULT_STEPS = {"dev": 30, "schnell": 4}  # the authors use 30 with FLUX.1-dev
+GUIDANCE = 3.5
+REF_TIMES = ("target", "sigma")
+
+CAPTION_SEPARATOR = ". "
+DESCRIBE_TEMPLATE = ("Describe this {subject} briefly and precisely in max 20 words, focusing on its overall "
+                     "appearance and key distinguishing features.")
+FILTER_TEMPLATE = ("Please extract only the physical characteristics and features of the main {subject} from this "
+                   "description, removing any information about actions, environment, background, other subjects, "
+                   "or surrounding elements. Return only the extracted description without any additional "
+                   "commentary. The description is: '{description}'")
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+
+def with_caption(prompt: str, caption: str | None) -> str:
+    """The authors' template: `prompt + ". " + caption` (no caption: the prompt unchanged)."""
+    caption = (caption or "").strip()
+    return prompt if not caption else prompt + CAPTION_SEPARATOR + caption
+
+
+def default_vital_layers(depth: int, depth_single: int) -> list[int]:
+    """FreeCus' vital layers for a model with `depth` double and `depth_single` single blocks: FLUX.1's indices
+    [0, 1, 2, 17, 18 | 25, 28, 53, 54, 56] mapped to the same relative place within their block type
+    (double i -> round(i·(depth-1)/18), single j -> depth + round(j·(depth_single-1)/37)), duplicates merged.
+    Exact for FLUX.1 (19 + 38); the tiny 2 + 2 model gets [0, 1, 2, 3]."""
+    D, S = FLUX1_DEPTHS
+
+    def scale(i: int, n: int, N: int) -> int:  # index i of N blocks -> the same relative place of n blocks
+        return math.floor(i * (n - 1) / (N - 1) + 0.5)
+
+    out = set()
+    for i in FLUX1_VITAL_LAYERS:
+        if i < D:
+            if depth > 0:
+                out.add(scale(i, depth, D))
+        elif depth_single > 0:
+            out.add(depth + scale(i - D, depth_single, S))
+    return sorted(out)
+
+
+def check_vital_layers(layers: Iterable[int], n_layers: int) -> list[int]:
+    """Sorted unique layer indices, each a valid attention layer 0..n_layers-1 of the loaded model."""
+    out = set()
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"vital layers must be integers, got {i!r}")
+        if not 0 <= i < n_layers:
+            raise ValueError(f"vital layer {i} is out of range: this model has {n_layers} attention layers "
+                             f"(double blocks first, then single blocks), indices 0..{n_layers - 1}")
+        out.add(i)
+    return sorted(out)
+
+
+def reference_sigmas(steps: int, image_seq_len: int, ans: bool = True, shift: bool = True) -> Tensor:
+    """σ'_i, the noise level of the reference at step i = 0..steps-1 (float32, (steps,)).
+
+    ans=True (adjusted noise shifting): FLUX's dynamic shift in the reversed direction, e^{-μ} instead of e^{μ}:
+        σ'_i = e^{-μ} / (e^{-μ} + (1/s_i - 1)),   s_i = 1 - i/steps,   μ = calculate_mu(image_seq_len)
+    so the reference is seen at lower noise than the target (finer detail).
+    ans=False: the target's own noise level, `get_schedule(steps, image_seq_len, shift)[:-1]`."""
+    if not ans:
+        return sampling.get_schedule(steps, image_seq_len, shift=shift)[:-1]
+    return sampling.get_schedule(steps, image_seq_len, shift=True, mu=-sampling.calculate_mu(image_seq_len))[:-1]
+
+
+def noised_reference(x_ref: Tensor, eps: Tensor, sigma: float) -> Tensor:
+    """z = (1 - σ)·x_ref + σ·ε, in fp32, returned in x_ref's dtype."""
+    return ((1 - sigma) * x_ref.float() + sigma * eps.float()).to(x_ref.dtype)
+
+
+def freecus_refstate(subject: Tensor, vital_layers: list[int], lambda_ref: float = LAMBDA_REF,
+                     lambda_prompt: float = LAMBDA_PROMPT, mask_mode: str = "exclude") -> RefState:
+    """The RefState of one FreeCus forward: batch item 0 is the reference; its subject tokens' K/V (own RoPE,
+    keys ×λ_r) join the targets' attention on the vital layers, where the targets' text keys are ×λ_p;
+    the reference leaves the batch after the last vital layer."""
+    if mask_mode not in ("exclude", "zero"):
+        raise ValueError(f"mask_mode must be 'exclude' or 'zero', got {mask_mode!r}")
+    return RefState(n_ref=1, src=[subject], share=True, layers=frozenset(vital_layers), positions="own",
+                    lambda_ref=lambda_ref, lambda_txt=lambda_prompt, mask_mode=mask_mode,
+                    last_layer=max(vital_layers) if vital_layers else None)
+
+
+# ------------------------------------------------------------------------------------------ the sampling loop
+
+@torch.no_grad()
+def denoise_freecus(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor,
+                    timesteps: Tensor, ref_latent: Tensor, ref_noise: Tensor, ref_sigmas: Tensor, subject: Tensor,
+                    ref_txt: Tensor | None = None, ref_vec: Tensor | None = None,
+                    vital_layers: Iterable[int] | None = None, lambda_ref: float = LAMBDA_REF,
+                    lambda_prompt: float = LAMBDA_PROMPT, mask_mode: str = "exclude", ref_time: str = "target",
+                    guidance: float | None = GUIDANCE, progress: bool = False) -> Tensor:
+    """Euler sampling of the targets with FreeCus attention sharing.
+
+    img (B, N, 64) target noise, img_ids (B, N, 3), txt (B, L, C), txt_ids (B, L, 3), vec (B, V): the targets;
+    timesteps (steps + 1,); ref_latent, ref_noise (1, N, 64): the clean reference latent x_ref and its ε (same
+    grid as the targets); ref_sigmas (steps,): σ'_i; subject (K,) long: the reference's subject token indices;
+    ref_txt (1, L, C) / ref_vec (1, V): the reference prompt (default: the first target's).
+    vital_layers: None = `default_vital_layers` of the model; [] = plain sampling (the reference is not run).
+    ref_time: the time the model is told for the reference, "target" (t_i, the authors' code) or "sigma" (σ'_i).
+    Returns the targets' clean packed latents (B, N, 64)."""
+    cfg = model.cfg
+    if vital_layers is None:
+        vital_layers = default_vital_layers(cfg.depth, cfg.depth_single_blocks)
+    vital = check_vital_layers(vital_layers, cfg.n_layers)
+    if ref_time not in REF_TIMES:
+        raise ValueError(f"ref_time must be one of {REF_TIMES}, got {ref_time!r}")
+    steps, B, N = len(timesteps) - 1, img.shape[0], img.shape[1]
+    if ref_sigmas.shape != (steps,):
+        raise ValueError(f"need one reference noise level per step: {steps} steps, got {tuple(ref_sigmas.shape)}")
+    if ref_latent.shape != (1, *img.shape[1:]) or ref_noise.shape != ref_latent.shape:
+        raise ValueError(f"the reference latent and its noise must be (1, {N}, {img.shape[2]}) like one target, "
+                         f"got {tuple(ref_latent.shape)} and {tuple(ref_noise.shape)} (the reference must have "
+                         "the target's size)")
+    subject = subject.flatten().long()
+    if subject.numel() == 0:
+        raise ValueError("the subject mask is empty: no reference token to share")
+    if int(subject.min()) < 0 or int(subject.max()) >= N:
+        raise ValueError(f"subject token indices must lie in 0..{N - 1}")
+
+    if not vital:  # nothing shared: plain sampling, the reference is not run
+        return sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, progress)
+    state = freecus_refstate(subject, vital, lambda_ref, lambda_prompt, mask_mode)
+    ref_txt = txt[:1] if ref_txt is None else ref_txt
+    ref_vec = vec[:1] if ref_vec is None else ref_vec
+    if ref_txt.shape[1:] != txt.shape[1:]:
+        raise ValueError(f"reference and target text must have the same length, got {tuple(ref_txt.shape)} "
+                         f"and {tuple(txt.shape)}")
+    # the batch [reference; targets], built once; only the reference latent changes per step
+    all_ids, all_txt = torch.cat([img_ids[:1], img_ids]), torch.cat([ref_txt, txt])
+    all_txt_ids, all_vec = torch.cat([txt_ids[:1], txt_ids]), torch.cat([ref_vec, vec])
+    g = sampling.guidance_vector(model, B + 1, guidance, img.device, img.dtype)
+    bar = sampling.Progress(steps, progress, desc="freecus")
+    for i, (t, t_next) in enumerate(zip(timesteps[:-1].tolist(), timesteps[1:].tolist())):
+        sigma = float(ref_sigmas[i])
+        z = noised_reference(ref_latent, ref_noise, sigma).to(img.dtype)      # (1, N, 64) at noise level σ'_i
+        ts = torch.full((B + 1,), t, device=img.device, dtype=img.dtype)
+        if ref_time == "sigma":
+            ts[0] = sigma
+        pred = model(torch.cat([z, img]), all_ids, all_txt, all_txt_ids, ts, all_vec, g, ref=state)
+        # pred (B, N, 64): the targets only, the reference left the batch after the last vital layer
+        img = (img.float() + (t_next - t) * pred.float()).to(img.dtype)
+        bar.update()
+    return img
+
+
+# ------------------------------------------------------------------------------------------ the pipeline entry
+
+def load_reference(reference: Reference, height: int | None = None, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """-> (image (3, H, W) in [-1, 1], pixel mask (H, W) in [0, 1]) at height x width (default: the image's size).
+
+    reference.image: path, PIL or (3, H, W) tensor in [-1, 1]; reference.mask: path, PIL, (H, W) tensor in [0, 1]
+    (white = subject), an (x, y, w, h) pixel box, or None (the whole image). The mask must have the image's size;
+    if the target size differs, both are resized to it (the authors resize the reference to the target size)."""
+    import torch.nn.functional as F
+    if not isinstance(reference, Reference):
+        raise TypeError(f"reference must be a minidit.masks.Reference(image, mask=None, prompt=None), "
+                        f"got {type(reference).__name__}")
+    image = reference.image
+    if isinstance(image, Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"a reference image tensor must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+        x = image.detach().float().cpu()
+    else:  # path or PIL, at its own size (it is resized to the target size below)
+        from pathlib import Path
+
+        from PIL import Image
+
+        from .image import pil_to_tensor
+        if not isinstance(image, Image.Image):
+            if not Path(image).exists():
+                raise FileNotFoundError(f"reference image not found: {image}")
+            with Image.open(image) as im:
+                image = im.convert("RGB")
+        x = pil_to_tensor(image.convert("RGB"))[0]
+    H0, W0 = x.shape[1:]
+    mask = reference.mask
+    if mask is None:
+        m = torch.ones(H0, W0)
+    elif isinstance(mask, (tuple, list)):
+        if len(mask) != 4:
+            raise ValueError(f"a box mask must be (x, y, w, h) in pixels, got {mask}")
+        m = box_mask(tuple(mask), H0, W0)
+    else:
+        from .image import load_mask
+        m = load_mask(mask, (H0, W0))  # errors if the mask's size is not the image's
+    H, W = height or H0, width or W0
+    if H % 16 or W % 16:
+        raise ValueError(f"the output size {W}x{H} (WxH) is not a multiple of 16"
+                         + ("" if (height and width) else ": pass height and width (the reference is resized)"))
+    sampling.latent_size(H, W)
+    if (H, W) != (H0, W0):
+        x = F.interpolate(x[None], size=(H, W), mode="bilinear", align_corners=False, antialias=True)[0].clamp(-1, 1)
+        m = F.interpolate(m[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    return x, m
+
+
+def subject_tokens(mask: Tensor) -> Tensor:
+    """Pixel mask (H, W) -> the subject's token indices (K,) on the packed grid; error if no token is subject."""
+    return token_indices(require_nonempty(token_mask(mask), "the reference's subject mask"))
+
+
+@torch.no_grad()
+def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | None = None,
+            lambda_ref: float = LAMBDA_REF, lambda_prompt: float = LAMBDA_PROMPT,
+            vital_layers: Iterable[int] | None = None, ans: bool = True, seed: int | list[int] = 0,
+            steps: int | None = None, guidance: float = GUIDANCE, height: int | None = None, width: int | None = None,
+            num_images: int = 1, mask_mode: str = "exclude", ref_time: str = "target", ref_seed: int | None = None,
+            progress: bool = False, return_latents: bool = False):
+    """FreeCus: `num_images` images per prompt of the subject of `reference` (Reference(image, mask, prompt)).
+
+    caption: a short description of the subject, appended to every prompt as `prompt + ". " + caption` (make it
+    with any captioner: see DESCRIBE_TEMPLATE and FILTER_TEMPLATE). reference.prompt: the reference's prompt
+    (default: the first full target prompt, as the authors). λ_r = lambda_ref on the reference keys, λ_p =
+    lambda_prompt on the target's text keys, both on vital layers only. vital_layers: attention-layer indices
+    (double blocks then single blocks), default `default_vital_layers` of the loaded model. ans: reversed dynamic
+    shift for the reference (False: the target's noise level). height/width: default the reference's size.
+    ref_seed: the seed of the reference's ε (default: `seed`, so ε is the first target's initial noise)."""
+    if isinstance(reference, (list, tuple)):
+        if len(reference) != 1:
+            raise ValueError(f"FreeCus takes one reference, got {len(reference)}")
+        reference = reference[0]
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if ref_time not in REF_TIMES:
+        raise ValueError(f"ref_time must be one of {REF_TIMES}, got {ref_time!r}")
+    model = pipe.transformer
+    cfg = model.cfg
+    vital = check_vital_layers(default_vital_layers(cfg.depth, cfg.depth_single_blocks) if vital_layers is None
+                               else vital_layers, cfg.n_layers)
+    image, mask = load_reference(reference, height, width)
+    height, width = image.shape[1:]
+    subject = subject_tokens(mask)
+    h, w = sampling.latent_size(height, width)
+    seq_len = (h // 2) * (w // 2)
+    steps = steps or DEFAULT_STEPS[pipe.variant]
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [with_caption(p, caption) for p in prompts for _ in range(num_images)]
+    ref_prompt = prompts[0] if reference.prompt is None else reference.prompt
+    B = len(prompts)
+    # one text-encoder call for the reference and the targets (no reference prompt when nothing is shared)
+    txt, txt_ids, vec = pipe.encode_prompt(([ref_prompt] if vital else []) + prompts)
+    ref_txt, ref_vec = (txt[:1], vec[:1]) if vital else (None, None)
+    txt, txt_ids, vec = txt[-B:], txt_ids[-B:], vec[-B:]
+
+    x_ref = pipe.encode_image(image[None])  # (1, N, 64)
+    eps = sampling.noise(1, height, width, ref_seed if ref_seed is not None else
+                         (seed if isinstance(seed, int) else seed[0]), pipe.device, pipe.dtype)
+    img = sampling.noise(B, height, width, seed, pipe.device, pipe.dtype)
+    timesteps = pipe.schedule(steps, height, width)
+    sigmas = reference_sigmas(steps, seq_len, ans=ans, shift=pipe.variant == "dev")
+    with pipe._use(model):
+        img = denoise_freecus(model, img, sampling.image_ids(B, height, width, pipe.device), txt, txt_ids, vec,
+                              timesteps, x_ref, eps, sigmas, subject.to(pipe.device), ref_txt, ref_vec,
+                              vital, lambda_ref, lambda_prompt, mask_mode, ref_time, guidance, progress)
+    return img if return_latents else pipe.decode(img, height, width)
