@@ -18,8 +18,9 @@ tokens N (the rest of `k`). The logit of key j is `s_j · (q·k_j) / √D` with 
 
 Backends: "reference" (plain PyTorch, fp32 math, readable: the definition), "sdpa" (PyTorch SDPA, λ folded
 into K), "triton" (the fused kernel `minidit.kernels.ref_attention`: CUDA, or CPU tensors when TRITON_INTERPRET=1
-was set before minidit.kernels is first imported). Default: triton on CUDA for fp16/bf16 and head dim 64/128, else sdpa;
-override per call or globally with `set_backend` / env MINIDIT_ATTENTION.
+was set before minidit.kernels is first imported). Default: triton on CUDA for fp16/bf16 and head dim 64/128
+when there are reference keys or a λ ≠ 1 (plain joint attention stays on SDPA's flash/cuDNN kernels), else
+sdpa; override per call or globally with `set_backend` / env MINIDIT_ATTENTION.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def attention(
         q, k = apply_rope(q, pe), apply_rope(k, pe)
     if mask_mode not in ("exclude", "zero"):
         raise ValueError(f"mask_mode must be 'exclude' or 'zero', got {mask_mode!r}")
-    backend = backend or _backend or _auto_backend(q)
+    backend = backend or _backend or _auto_backend(q, reference=ref_k is not None or not _is_one(lambda_txt))
     if backend == "reference":
         out = attention_reference(q, k, v, ref_k, ref_v, ref_mask, lambda_ref, lambda_txt, n_txt, mask_mode)
     elif backend == "sdpa":
@@ -70,8 +71,10 @@ def attention(
     return out.transpose(1, 2).reshape(B, L, H * D)
 
 
-def _auto_backend(q: Tensor) -> str:
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128):
+def _auto_backend(q: Tensor, reference: bool = True) -> str:
+    """The fused kernel for the masked, λ-scaled operation on CUDA; plain joint attention (no reference keys,
+    no λ) stays on SDPA, whose flash/cuDNN kernels are the strongest known for that case."""
+    if reference and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128):
         try:
             import triton  # noqa: F401
             return "triton"

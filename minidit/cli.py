@@ -56,7 +56,9 @@ def save_images(images, args, pipe, command: str, extra: dict | None = None) -> 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))]
-    meta = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps or "default", "guidance": args.guidance,
+    from .pipeline import DEFAULT_STEPS
+    meta = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps or DEFAULT_STEPS[pipe.variant],
+            "guidance": args.guidance if pipe.variant == "dev" else "none (schnell)",
             "size": f"{images[0].width}x{images[0].height}", "model": pipe.name, "variant": pipe.variant,
             "command": command, "minidit_version": __version__, **(extra or {})}
     for i, (img, path) in enumerate(zip(images, paths)):

@@ -64,7 +64,7 @@ import torch
 from torch import Tensor
 
 from . import sampling
-from .masks import Reference, box_mask, require_nonempty, token_indices, token_mask
+from .masks import Reference, load_reference, require_nonempty, token_indices, token_mask
 from .refstate import RefState
 
 FLUX1_VITAL_LAYERS = (0, 1, 2, 17, 18, 25, 28, 53, 54, 56)  # for 19 double + 38 single blocks
@@ -219,55 +219,6 @@ def denoise_freecus(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: T
 
 # ------------------------------------------------------------------------------------------ the pipeline entry
 
-def load_reference(reference: Reference, height: int | None = None, width: int | None = None) -> tuple[Tensor, Tensor]:
-    """-> (image (3, H, W) in [-1, 1], pixel mask (H, W) in [0, 1]) at height x width (default: the image's size).
-
-    reference.image: path, PIL or (3, H, W) tensor in [-1, 1]; reference.mask: path, PIL, (H, W) tensor in [0, 1]
-    (white = subject), an (x, y, w, h) pixel box, or None (the whole image). The mask must have the image's size;
-    if the target size differs, both are resized to it (the authors resize the reference to the target size)."""
-    import torch.nn.functional as F
-    if not isinstance(reference, Reference):
-        raise TypeError(f"reference must be a minidit.masks.Reference(image, mask=None, prompt=None), "
-                        f"got {type(reference).__name__}")
-    image = reference.image
-    if isinstance(image, Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"a reference image tensor must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
-        x = image.detach().float().cpu()
-    else:  # path or PIL, at its own size (it is resized to the target size below)
-        from pathlib import Path
-
-        from PIL import Image
-
-        from .image import pil_to_tensor
-        if not isinstance(image, Image.Image):
-            if not Path(image).exists():
-                raise FileNotFoundError(f"reference image not found: {image}")
-            with Image.open(image) as im:
-                image = im.convert("RGB")
-        x = pil_to_tensor(image.convert("RGB"))[0]
-    H0, W0 = x.shape[1:]
-    mask = reference.mask
-    if mask is None:
-        m = torch.ones(H0, W0)
-    elif isinstance(mask, (tuple, list)):
-        if len(mask) != 4:
-            raise ValueError(f"a box mask must be (x, y, w, h) in pixels, got {mask}")
-        m = box_mask(tuple(mask), H0, W0)
-    else:
-        from .image import load_mask
-        m = load_mask(mask, (H0, W0))  # errors if the mask's size is not the image's
-    H, W = height or H0, width or W0
-    if H % 16 or W % 16:
-        raise ValueError(f"the output size {W}x{H} (WxH) is not a multiple of 16"
-                         + ("" if (height and width) else ": pass height and width (the reference is resized)"))
-    sampling.latent_size(H, W)
-    if (H, W) != (H0, W0):
-        x = F.interpolate(x[None], size=(H, W), mode="bilinear", align_corners=False, antialias=True)[0].clamp(-1, 1)
-        m = F.interpolate(m[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0]
-    return x, m
-
-
 def subject_tokens(mask: Tensor) -> Tensor:
     """Pixel mask (H, W) -> the subject's token indices (K,) on the packed grid; error if no token is subject."""
     return token_indices(require_nonempty(token_mask(mask), "the reference's subject mask"))
@@ -301,7 +252,7 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
     cfg = model.cfg
     vital = check_vital_layers(default_vital_layers(cfg.depth, cfg.depth_single_blocks) if vital_layers is None
                                else vital_layers, cfg.n_layers)
-    image, mask = load_reference(reference, height, width)
+    image, mask = load_reference(reference, height, width, "reference")
     height, width = image.shape[1:]
     subject = subject_tokens(mask)
     h, w = sampling.latent_size(height, width)

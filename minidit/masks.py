@@ -145,3 +145,72 @@ def local_shuffle(tokens: Tensor, generator: torch.Generator, window: int = 3) -
     perm = torch.arange(h * w)
     perm[by_block] = shuffled
     return perm
+
+
+# ------------------------------------------------------------------------------- reading a Reference's inputs
+
+def image_tensor(image) -> Tensor:
+    """Path, PIL or (3, H, W) tensor in [-1, 1] -> (3, H, W) float tensor in [-1, 1], at its own size."""
+    if isinstance(image, Tensor):
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"an image tensor must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+        return image.detach().float().cpu()
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .image import pil_to_tensor
+    if not isinstance(image, Image.Image):
+        if not Path(image).exists():
+            raise FileNotFoundError(f"image not found: {image}")
+        with Image.open(image) as im:
+            image = im.convert("RGB")
+    return pil_to_tensor(image.convert("RGB"))[0]
+
+
+def resize_image(x: Tensor, H: int, W: int) -> Tensor:
+    """(3, h, w) -> (3, H, W) (antialiased bilinear); H and W must be multiples of 16."""
+    from .image import check_size
+    check_size(H, W)
+    if tuple(x.shape[1:]) == (H, W):
+        return x
+    return F.interpolate(x[None], size=(H, W), mode="bilinear", align_corners=False, antialias=True)[0].clamp(-1, 1)
+
+
+def pixel_mask(mask, height: int, width: int, what: str = "mask") -> Tensor:
+    """A mask given as path / PIL / (H, W) tensor in [0, 1] / (x, y, w, h) pixel box / None (everything)
+    -> (H, W) float. A mask image must have the size of its image."""
+    if mask is None:
+        return torch.ones(height, width)
+    if isinstance(mask, (tuple, list)):
+        if len(mask) != 4:
+            raise ValueError(f"a box {what} must be (x, y, w, h) in pixels, got {mask}")
+        return box_mask(tuple(mask), height, width)
+    from .image import load_mask
+    try:
+        return load_mask(mask, (height, width))
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+def load_reference(ref: Reference, height: int | None = None, width: int | None = None,
+                   what: str = "reference") -> tuple[Tensor, Tensor]:
+    """-> (image (3, H, W) in [-1, 1], pixel mask (H, W) in [0, 1]) at height x width (default: the image's own
+    size). The mask is checked at the image's own size; if the target size differs, both are resized to it
+    (both papers' code resizes the reference to the target size)."""
+    if not isinstance(ref, Reference):
+        raise TypeError(f"{what} must be a minidit.masks.Reference(image, mask=None, prompt=None), "
+                        f"got {type(ref).__name__}")
+    x = image_tensor(ref.image)
+    H0, W0 = x.shape[1:]
+    m = pixel_mask(ref.mask, H0, W0, f"{what}'s mask")
+    H, W = height or H0, width or W0
+    if H % PATCH or W % PATCH or H <= 0 or W <= 0:
+        raise ValueError(f"the output size {W}x{H} (WxH) is not a multiple of {PATCH}"
+                         + ("" if (height and width) else ": pass height and width (the reference is resized)"))
+    x = resize_image(x, H, W)
+    if (H, W) != (H0, W0):
+        m = F.interpolate(m[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    return x, m

@@ -86,8 +86,8 @@ import torch
 from torch import Tensor
 
 from . import sampling
-from .masks import (PATCH, Reference, augment_mask, box_mask, box_offset, local_shuffle, pixels_to_tokens,
-                    require_nonempty, token_indices, token_mask, translate)
+from .masks import (PATCH, Reference, augment_mask, box_mask, box_offset, image_tensor, load_reference, local_shuffle,
+                    pixel_mask, pixels_to_tokens, require_nonempty, resize_image, token_indices, token_mask, translate)
 from .refstate import RefState
 
 TAU = 0.8             # personalization: the first 20 % of the steps replace tokens
@@ -175,7 +175,7 @@ def invert(pipe, image, prompt: str = "", *, steps: int | None = None, height: i
     `sampling.noise(1, H, W, seed)`."""
     x = image_tensor(image)
     H, W = (height or x.shape[1]), (width or x.shape[2])
-    x = _resize(x, H, W)
+    x = resize_image(x, H, W)
     timesteps = pipe.schedule(steps, H, W)
     y0 = pipe.encode_image(x[None])
     return _invert_encoded(pipe, y0, prompt, timesteps, H, W, gamma, guidance, seed, progress)
@@ -362,68 +362,6 @@ def denoise_with_references(model, x_ref: Tensor, y0: Tensor, img: Tensor, img_i
 
 # --------------------------------------------------------------------------------------------- inputs
 
-def image_tensor(image) -> Tensor:
-    """Path, PIL or (3, H, W) tensor in [-1, 1] -> (3, H, W) float tensor in [-1, 1], at its own size (any size:
-    callers resize to the canvas, whose sides must be multiples of 16)."""
-    if isinstance(image, Tensor):
-        if image.ndim == 4 and image.shape[0] == 1:
-            image = image[0]
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"an image tensor must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
-        return image.float()
-    from PIL import Image
-
-    from .image import pil_to_tensor
-    if not isinstance(image, Image.Image):
-        from pathlib import Path
-        if not Path(image).exists():
-            raise FileNotFoundError(f"image not found: {image}")
-        with Image.open(image) as im:
-            image = im.convert("RGB")
-    return pil_to_tensor(image)[0]
-
-
-def _resize(x: Tensor, H: int, W: int) -> Tensor:
-    from .image import check_size
-    check_size(H, W)
-    if tuple(x.shape[1:]) == (H, W):
-        return x
-    import torch.nn.functional as F
-    return F.interpolate(x[None], size=(H, W), mode="bilinear", align_corners=False, antialias=True)[0].clamp(-1, 1)
-
-
-def pixel_mask(mask, height: int, width: int, what: str = "mask") -> Tensor:
-    """A mask given as path / PIL / tensor in [0, 1] (see image.load_mask) / (x, y, w, h) pixel box / None
-    (everything) -> (H, W) float. A mask image must have the size of its image."""
-    if mask is None:
-        return torch.ones(height, width)
-    if isinstance(mask, (tuple, list)):
-        if len(mask) != 4:
-            raise ValueError(f"a box {what} must be (x, y, w, h) in pixels, got {mask}")
-        return box_mask(tuple(mask), height, width)
-    from .image import load_mask
-    try:
-        return load_mask(mask, (height, width))
-    except ValueError as e:
-        raise ValueError(f"{what}: {e}") from None
-
-
-def _load_reference(ref: Reference, height: int | None, width: int | None, what: str) -> tuple[Tensor, Tensor]:
-    """-> (image (3, H, W) at the canvas size, pixel mask (H, W)); mask checked at the image's own size."""
-    if not isinstance(ref, Reference):
-        raise TypeError(f"{what} must be a minidit.masks.Reference(image, mask=None, prompt=None), "
-                        f"got {type(ref).__name__}")
-    x = image_tensor(ref.image)
-    H0, W0 = x.shape[1:]
-    m = pixel_mask(ref.mask, H0, W0, f"{what}'s mask")
-    H, W = height or H0, width or W0
-    x = _resize(x, H, W)  # the authors resize the reference to the canvas; checks the canvas size
-    if (H, W) != (H0, W0):
-        import torch.nn.functional as F
-        m = F.interpolate(m[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0]
-    return x, m
-
-
 def _offset(placement, tokens: Tensor, r: int) -> tuple[int, int]:
     """None -> (0, 0); (dx, dy) pixel offset; (x, y, w, h) pixel target box -> (dy, dx) in tokens."""
     if placement is None:
@@ -468,7 +406,7 @@ def personalize(pipe, prompt: str, reference: Reference | list[Reference], *, pl
 
     images, masks = [], []
     for r, ref in enumerate(refs):
-        x, m = _load_reference(ref, height, width, f"reference {r}")
+        x, m = load_reference(ref, height, width, f"reference {r}")
         height, width = x.shape[1:]
         images.append(x), masks.append(m)
     tokens = [token_mask(m) for m in masks]
@@ -477,7 +415,7 @@ def personalize(pipe, prompt: str, reference: Reference | list[Reference], *, pl
     offsets = [_offset(p, tk, r) for r, (p, tk) in enumerate(zip(placement, tokens))]
     scene_tokens = None
     if scene is not None:
-        xs, ms = _load_reference(scene, height, width, "the scene")
+        xs, ms = load_reference(scene, height, width, "the scene")
         images.append(xs)
         scene_tokens = require_nonempty(token_mask(ms), "the scene mask")
         refs = refs + [scene]
@@ -500,7 +438,7 @@ def inpaint(pipe, image, mask, prompt: str, *, tau: float = TAU_EDIT, steps: int
     following `prompt`; everything else is preserved (the reference, τ = 0.1 by default, no perturbation)."""
     x = image_tensor(image)
     H, W = x.shape[1:]
-    _resize(x, H, W)  # checks the size
+    resize_image(x, H, W)  # checks the size
     edit = pixel_mask(mask, H, W, "edit mask")
     if not (edit > 0).any():
         raise ValueError("the edit mask is empty: nothing to repaint (white = the region to repaint)")

@@ -14,7 +14,7 @@ optional `RefState` (refstate.py), read by a few marked branches in the two bloc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
