@@ -98,7 +98,7 @@ def cmd_freecus(args) -> None:
         except ValueError:
             raise SystemExit(f"error: --vital-layers must be comma-separated integers, got {args.vital_layers!r}") from None
     pipe = load_pipeline(args)
-    ref = Reference(args.ref, args.mask, args.ref_prompt)
+    ref = Reference(args.ref, _mask_arg(args.mask), args.ref_prompt)
     images = freecus(pipe, args.prompt, ref, caption=args.caption, lambda_ref=args.lambda_ref,
                      lambda_prompt=args.lambda_prompt, vital_layers=vital, ans=not args.no_ans, seed=args.seed,
                      steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
@@ -121,8 +121,8 @@ def add_freecus_parser(sub) -> None:
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (default: the reference's)")
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default: the reference's)")
     p.add_argument("--ref", required=True, help="reference image (resized to the output size if it differs)")
-    p.add_argument("--mask", default=None, help="subject mask of the reference, same size, white = subject "
-                   "(default: the whole image)")
+    p.add_argument("--mask", default=None, help="subject mask of the reference (PNG of the same size, white = "
+                   "subject, or a pixel box x,y,w,h; default: the whole image)")
     p.add_argument("--ref-prompt", default=None, help="prompt of the reference (default: the full prompt)")
     p.add_argument("--caption", default=None, help="short subject description, appended as 'PROMPT. CAPTION' "
                    "(see minidit.freecus.DESCRIBE_TEMPLATE for how the authors make it)")

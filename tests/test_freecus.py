@@ -390,3 +390,15 @@ def test_cli(pipe, repo, tmp_path):
         main(args[:-4] + ["--vital-layers", "0,9", "--output", str(out)])
     with pytest.raises(SystemExit, match="comma-separated integers"):
         main(args[:-4] + ["--vital-layers", "0;1", "--output", str(out)])
+
+
+def test_cli_box_mask_equals_api_box(pipe, repo, tmp_path):
+    """`--mask x,y,w,h` is a pixel box, as for `minidit personalize`."""
+    from minidit.cli import main
+    ref_png, out = tmp_path / "ref.png", tmp_path / "out.png"
+    Image.fromarray(((picture().permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()).save(ref_png)
+    main(["freecus", "--weights", str(repo), "--ref", str(ref_png), "--mask", "16,16,32,32", "--prompt", "a dog",
+          "--steps", "2", "--output", str(out)])
+    api = pipe.freecus("a dog", Reference(str(ref_png), (16, 16, 32, 32)), steps=2)[0]
+    assert np.array_equal(np.asarray(api), np.asarray(Image.open(out).convert("RGB")))
+    assert Image.open(out).text["mask"] == "16,16,32,32"
