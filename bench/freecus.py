@@ -15,28 +15,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import time
 from pathlib import Path
 
 import torch
+from common import alternate
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## FreeCus"
 
 
 def timeit_pair(plain, ours, repeats: int, cuda: bool) -> tuple[float, float]:
-    """Median wall times of `plain` and `ours`, run alternately (so a change in machine load hits both) after
-    one warm-up call each."""
-    def once(fn):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-    plain(), ours()
-    a, b = zip(*[(once(plain), once(ours)) for _ in range(repeats)])
+    """Median wall times of `repeats` alternated calls each (one warm-up call each first)."""
+    a, b = alternate(plain, ours, repeats, cuda)
     return sorted(a)[len(a) // 2], sorted(b)[len(b) // 2]
 
 

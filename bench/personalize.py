@@ -17,32 +17,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
+from common import alternate
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Personalize Anything"
 
 
 def compare(baseline, ours, repeats: int, cuda: bool) -> tuple[float, float]:
-    """Best wall time of `repeats` calls each, alternating the two so that a busy machine hurts both alike
-    (one warm-up call each first)."""
-    def once(fn):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-    baseline(), ours()
-    a, b = [], []
-    for _ in range(repeats):
-        a.append(once(baseline))
-        b.append(once(ours))
+    """Best wall time of `repeats` alternated calls each (one warm-up call each first)."""
+    a, b = alternate(baseline, ours, repeats, cuda)
     return min(a), min(b)
 
 

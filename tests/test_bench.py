@@ -21,3 +21,8 @@ def test_load_memory_bench_small():
     out = run("bench/load_memory.py", "--hidden", "128", "--heads", "2", "--depth", "1", "--single", "1",
               "--compute", "float32")
     assert "peak RSS / loaded model size" in out
+
+
+def test_freecus_bench_small():
+    out = run("bench/freecus.py", "--steps", "1", "--repeats", "1")
+    assert "denoising loop only" in out and "x |" in out
