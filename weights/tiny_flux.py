@@ -70,29 +70,39 @@ def diffusers_config(cfg: FluxConfig) -> dict:
     }
 
 
+def save_bfl(sd: dict[str, torch.Tensor], cfg: FluxConfig, path) -> Path:
+    """A BFL single file; RoPE's axes_dim (not visible in shapes) goes into the safetensors metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"axes_dim": ",".join(map(str, cfg.axes_dim)), "format": "pt"})
+    return path
+
+
+def save_diffusers(sd: dict[str, torch.Tensor], cfg: FluxConfig, folder, shards: int = 2) -> Path:
+    """A diffusers `transformer/` folder from BFL-named tensors: config.json, shards and the index json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dsd = bfl_to_diffusers(sd, cfg)
+    keys = sorted(dsd)
+    weight_map = {}
+    for i in range(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: dsd[k] for k in keys[i::shards]}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys[i::shards]})
+    total = sum(t.numel() * t.element_size() for t in dsd.values())
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
+    return folder
+
+
 def write_tiny_flux(path, cfg: FluxConfig = TINY, seed: int = 0, layout: str = "bfl", dtype=torch.float32,
                     shards: int = 2) -> Path:
     """Write a tiny FLUX transformer. layout "bfl": one safetensors file at `path`; "diffusers": a folder
     `path` with config.json, `diffusion_pytorch_model-0000N-of-0000M.safetensors` shards and the index json."""
-    path = Path(path)
     sd = {k: v.to(dtype) for k, v in random_state_dict(cfg, seed).items()}
     if layout == "bfl":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(path), metadata={"axes_dim": ",".join(map(str, cfg.axes_dim)), "format": "pt"})
-        return path
+        return save_bfl(sd, cfg, path)
     if layout != "diffusers":
         raise ValueError(f"layout must be 'bfl' or 'diffusers', got {layout!r}")
-    path.mkdir(parents=True, exist_ok=True)
-    dsd = bfl_to_diffusers(sd, cfg)
-    keys = sorted(dsd)
-    parts = [keys[i::shards] for i in range(shards)]
-    weight_map = {}
-    for i, part in enumerate(parts):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({k: dsd[k] for k in part}, str(path / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    total = sum(t.numel() * t.element_size() for t in dsd.values())
-    (path / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (path / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
-    return path
+    return save_diffusers(sd, cfg, path, shards)
