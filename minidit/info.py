@@ -49,7 +49,7 @@ def describe(path: str | Path) -> str:
         n = sum(prod(sd.shape(k)) for k in sd)
         dtypes = Counter(str(sd.dtype(k)).replace("torch.", "") for k in sd)
         if name == "transformer":
-            variant = "dev" if any(k.startswith(("guidance_in.", "time_text_embed.guidance_embedder.")) for k in sd) else "schnell"
+            variant = "dev" if any("guidance_in." in k or "guidance_embedder." in k for k in sd) else "schnell"
         size = sum(prod(sd.shape(k)) * sd.dtype(k).itemsize for k in sd)
         lines.append(f"  {name:<15} {str(p.relative_to(root)):<32} {n / 1e6:10.1f} M params  {size / 2**30:6.2f} GiB  "
                      f"{', '.join(f'{d} x{c}' for d, c in dtypes.most_common())}")

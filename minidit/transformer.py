@@ -387,10 +387,13 @@ def load_transformer(path, device: str | torch.device = "cpu", dtype: torch.dtyp
     from .loading import Converted, LazyStateDict, load_streaming
     files, layout = _resolve_transformer(path)
     sd = LazyStateDict(files)
+    meta = sd.metadata()
+    prefix = "model.diffusion_model."  # ComfyUI-style single files carry the BFL keys under this prefix
+    if len(sd) and all(k.startswith(prefix) for k in sd):
+        sd = Converted(sd, {k[len(prefix):]: ("copy", (k,)) for k in sd})
     if layout == "auto":
         layout = "diffusers" if "x_embedder.weight" in sd else "bfl"
     axes_dim = None
-    meta = sd.metadata()
     if "axes_dim" in meta:
         axes_dim = tuple(int(a) for a in meta["axes_dim"].split(","))
     if layout == "diffusers":

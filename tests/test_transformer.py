@@ -222,3 +222,13 @@ def test_guidance_required_for_dev():
     x = inputs(TINY, 1, 2, 2, 3)
     with pytest.raises(ValueError, match="guidance"):
         m(x["img"], x["img_ids"][None], x["txt"], x["txt_ids"][None], x["t"], x["y"], None)
+
+
+def test_comfyui_prefixed_single_file(tmp_path):
+    """Files saved by ComfyUI keep the BFL keys under `model.diffusion_model.`; they load the same."""
+    sd = random_state_dict(TINY, seed=5)
+    save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, str(tmp_path / "comfy.safetensors"),
+              metadata={"axes_dim": "4,6,6"})
+    write_tiny_flux(tmp_path / "plain.safetensors", TINY, seed=5)
+    a, b = load_transformer(tmp_path / "comfy.safetensors"), load_transformer(tmp_path / "plain.safetensors")
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in b.state_dict())
