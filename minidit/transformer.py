@@ -164,6 +164,11 @@ class Modulation(nn.Module):
         return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.multiplier == 6 else None
 
 
+def fp16_clip(x: Tensor) -> Tensor:
+    """FLUX's text stream and single-block outputs exceed fp16's range; clip them there (as diffusers does)."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
 def joint_attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, n_txt: int, ref: RefState | None, layer: int) -> Tensor:
     """Attention over [txt; img] for every batch item; where `ref` shares this layer, the targets also see the
     references' subject keys/values (masked, λ-scaled) while the reference items attend normally."""
@@ -215,7 +220,7 @@ class DoubleStreamBlock(nn.Module):
         img = img + img_mod2.gate * self.img_mlp(img_mod2.apply(self.img_norm2(img)))
         txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
         txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.apply(self.txt_norm2(txt)))
-        return img, txt
+        return img, fp16_clip(txt)
 
 
 class SingleStreamBlock(nn.Module):
@@ -243,7 +248,7 @@ class SingleStreamBlock(nn.Module):
             ref.record(layer, q[:, :, n_txt:], k[:, :, n_txt:], v[:, :, n_txt:])
 
         attn = joint_attention(q, k, v, pe, n_txt, ref, layer)
-        return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
+        return fp16_clip(x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2)))
 
 
 class LastLayer(nn.Module):

@@ -232,3 +232,32 @@ def test_comfyui_prefixed_single_file(tmp_path):
     write_tiny_flux(tmp_path / "plain.safetensors", TINY, seed=5)
     a, b = load_transformer(tmp_path / "comfy.safetensors"), load_transformer(tmp_path / "plain.safetensors")
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in b.state_dict())
+
+
+def test_fp16_streams_are_clipped_like_diffusers(tmp_path):
+    """In fp16 the text stream (double blocks) and the single blocks' output are clipped to ±65504, as diffusers
+    does, instead of overflowing to inf. Forced: residual 6e4 plus a gated MLP output of 1e4."""
+    from minidit.rope import embed_nd
+    write_tiny_flux(tmp_path / "t.safetensors", TINY)
+    m = load_transformer(tmp_path / "t.safetensors", dtype=torch.float16)
+    h = TINY.hidden_size
+    with torch.no_grad():
+        for mod, gate in ((m.double_blocks[0].txt_mod, 5), (m.single_blocks[0].modulation, 2)):
+            mod.lin.weight.zero_()
+            mod.lin.bias.zero_()
+            mod.lin.bias[gate * h:(gate + 1) * h] = 1.0   # the MLP gate (double: gate2; single: its only gate)
+        m.double_blocks[0].txt_mlp[2].bias.fill_(1e4)
+        m.single_blocks[0].linear2.bias.fill_(1e4)
+    T, N = 3, 4
+    img = torch.randn(1, N, h, dtype=torch.float16)
+    txt = torch.full((1, T, h), 6e4, dtype=torch.float16)
+    vec = torch.randn(1, h, dtype=torch.float16)
+    pe = embed_nd(torch.cat([torch.zeros(1, T, 3), grid_ids(2, 2)[None]], 1), TINY.axes_dim, TINY.theta)
+    with torch.no_grad():
+        _, t_out = m.double_blocks[0](img, txt, vec, pe)
+        x_out = m.single_blocks[0](torch.cat([txt, img], 1), vec, pe, T)
+    assert torch.isfinite(t_out).all() and (t_out == 65504).any()
+    assert torch.isfinite(x_out).all() and (x_out[:, :T] == 65504).any()
+    with torch.no_grad():  # the same in fp32 is not clipped
+        _, t32 = m.float().double_blocks[0](img.float(), txt.float(), vec.float(), pe)
+    assert t32.max() > 65504
