@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from minidit.attention import attention_reference
 from minidit.kernels import ref_attention
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SECTION = "## Attention kernel"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, record  # noqa: E402
+
 N_TXT = 512
 SHAPES = {"512²": 1024, "1024²": 4096, "2048²": 16384}  # target image tokens (= reference tokens)
 MASKS = (1.0, 0.3, 0.0)
@@ -189,18 +190,6 @@ def table(rows, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def record(text: str) -> None:
-    """Put `text` at the end of the attention section of RESULTS.md (creating the file/section if needed)."""
-    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION not in body:
-        body = body.rstrip("\n") + f"\n\n{SECTION}\n"
-    start = body.index(SECTION)
-    nxt = body.find("\n## ", start + len(SECTION))
-    end = len(body) if nxt < 0 else nxt + 1
-    body = body[:end].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + ("\n" + body[end:] if nxt >= 0 else "")
-    RESULTS.write_text(body)
-
-
 def check(device) -> bool:
     """Correctness on the GPU in bf16 and fp16, both mask modes, odd lengths, per-batch λ and masks."""
     ok = True
@@ -280,7 +269,7 @@ def main(argv=None) -> list[dict]:
     text = table(rows, title)
     print("\n" + text)
     if args.record:
-        record(text)
+        record("Attention kernel", text)
         print(f"recorded in {RESULTS}")
     return rows
 

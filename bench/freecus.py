@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
-from common import alternate
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SECTION = "## FreeCus"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, alternate, record
+
 
 
 def timeit_pair(plain, ours, repeats: int, cuda: bool) -> tuple[float, float]:
@@ -123,18 +123,6 @@ session that wrote this: for full size run `python bench/freecus.py --full --rec
 bf16, loop only, needs ~24 GB) or `--weights PATH --record`."""
 
 
-def record(text: str) -> None:
-    """Append `text` to the FreeCus section of RESULTS.md (creating the file/section with INTRO if needed)."""
-    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION not in body:
-        body = body.rstrip("\n") + f"\n\n{SECTION}\n\n{INTRO}\n"
-    start = body.index(SECTION)
-    nxt = body.find("\n## ", start + len(SECTION))
-    end = len(body) if nxt < 0 else nxt + 1
-    body = body[:end].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + ("\n" + body[end:] if nxt >= 0 else "")
-    RESULTS.write_text(body)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default=None, help="FLUX.1 folder (default: the built-in tiny checkpoint)")
@@ -172,7 +160,7 @@ def main(argv=None) -> None:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        record(text)
+        record("FreeCus", text, INTRO)
         print(f"recorded in {RESULTS}", file=sys.stderr)
 
 

@@ -81,11 +81,13 @@ def main() -> None:
     ratio = (r["touched"]["VmHWM"] - base) / r["model_bytes"]
     print(f"  peak RSS / loaded model size: {ratio:.2f}x (a naive load_file + load_state_dict holds two copies: >= 2x)")
     if a.record:
-        with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-            f.write(f"\n### Transformer loading, host memory (stored {a.dtype} -> {a.compute or a.dtype}, {size / 2**30:.2f} GiB file)\n\n| quantity | GiB |\n|---|---|\n")
-            for name, v in rows:
-                f.write(f"| {name} | {v:.2f} |\n")
-            f.write(f"| peak RSS / loaded model size | {ratio:.2f}x |\n")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import record
+        table = "\n".join(f"| {name} | {v:.2f} |" for name, v in rows)
+        record("Loading memory (bench/load_memory.py)",
+               f"### Transformer loading, host memory (stored {a.dtype} -> {a.compute or a.dtype}, "
+               f"{size / 2**30:.2f} GiB file)\n\n| quantity | GiB |\n|---|---|\n{table}\n"
+               f"| peak RSS / loaded model size | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":

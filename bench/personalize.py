@@ -21,10 +21,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import alternate
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SECTION = "## Personalize Anything"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate, record
+
 
 
 def compare(baseline, ours, repeats: int, cuda: bool) -> tuple[float, float]:
@@ -128,18 +128,6 @@ def table(rows, device_name: str, args) -> str:
     return "\n".join(lines)
 
 
-def record(text: str, header: str) -> None:
-    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"\n### {header}\n\n{text}\n"
-    if SECTION not in body:
-        body = body.rstrip("\n") + f"\n\n{SECTION}\n"
-    start = body.index(SECTION)
-    nxt = body.find("\n## ", start + len(SECTION))
-    end = len(body) if nxt < 0 else nxt
-    body = body[:end].rstrip("\n") + "\n" + block + body[end:]
-    RESULTS.write_text(body)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", default=None, help="FLUX.1 folder (default: the built-in tiny checkpoint)")
@@ -170,7 +158,7 @@ def main() -> None:
     print("\nratio = personalize time / generate time (best of --repeats, alternated; same steps, same seed); "
           "model = the batch-size model above")
     if args.record:
-        record(text, f"{what}, {name}, torch {torch.__version__}, {datetime.date.today()}")
+        record("Personalize Anything", f"### {what}, {name}, torch {torch.__version__}, {datetime.date.today()}\n\n{text}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Prints the device, both times and the ratio (target: minidit <= 0.9x diffusers),
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -122,11 +123,13 @@ def main() -> None:
     print(f"{'minidit':<12} {t_ours * 1000:10.2f} ms   ratio {t_ours / t_theirs:.3f}x (target <= 0.9x)")
     print(f"max abs diff of outputs: {diff:.3e}")
     if a.record and cuda:
-        with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-            f.write(f"\n### Transformer step ({dev_name}, {a.size}², bf16, backend {backend}"
-                    f"{', compiled' if a.compile else ''})\n\n| model | ms/step | ratio |\n|---|---|---|\n"
-                    f"| diffusers 0.42.1 | {t_theirs * 1000:.2f} | 1.00 |\n| minidit | {t_ours * 1000:.2f} | "
-                    f"{t_ours / t_theirs:.3f} |\n")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import record
+        record("Transformer step (bench/step.py)",
+               f"### {dev_name}, {a.size}², bf16, backend {backend}{', compiled' if a.compile else ''}, "
+               f"torch {torch.__version__}\n\n| model | ms/step | ratio |\n|---|---|---|\n"
+               f"| diffusers 0.42.1 | {t_theirs * 1000:.2f} | 1.00 |\n| minidit | {t_ours * 1000:.2f} | "
+               f"{t_ours / t_theirs:.3f} |")
 
 
 if __name__ == "__main__":

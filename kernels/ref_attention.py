@@ -162,7 +162,7 @@ def default_config(D: int, device: torch.device) -> dict:
     return dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
-_TABLES: OrderedDict = OrderedDict()  # id(mask) -> (mask, mask._version, block_n, tables); holds the mask alive
+_TABLES: OrderedDict = OrderedDict()  # cache key -> (root tensor, its _version, tables); holds the root alive
 
 
 def block_table(mask: Tensor, block_n: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -182,14 +182,22 @@ def block_table(mask: Tensor, block_n: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _cached_block_table(key: Tensor, mask: Tensor, block_n: int):
-    """block_table(mask), reused while the same `key` tensor (the caller's mask, not modified in place) comes back:
-    the model passes one mask to every layer and step, so the tiny host-side ops run once per mask."""
-    hit = _TABLES.get(id(key))
-    if hit is not None and hit[0] is key and hit[1] == key._version and hit[2] == block_n:
-        _TABLES.move_to_end(id(key))
-        return hit[3]
+    """block_table(mask), reused while a view of the same memory as `key` (the caller's mask, not modified in place)
+    comes back with the same expanded shape: the model passes one mask to every layer and step, so the tiny
+    host-side ops run once per mask. The entry is keyed on everything the tables depend on: the memory `key` reads
+    (its base tensor, kept alive by the cache so its id cannot be reused, plus offset/shape/strides/dtype), the
+    expanded (B, R) shape, the device and block_n. A (R,) mask reused at another batch size gets its own tables."""
+    if key.is_inference():  # inference tensors keep no version counter: an in-place change could not be seen
+        return block_table(mask, block_n)
+    root = key if key._base is None else key._base  # views share their base's version counter
+    ident = (id(root), key.storage_offset(), tuple(key.shape), key.stride(), key.dtype,
+             tuple(mask.shape), mask.device, block_n)
+    hit = _TABLES.get(ident)
+    if hit is not None and hit[0] is root and hit[1] == key._version:
+        _TABLES.move_to_end(ident)
+        return hit[2]
     tables = block_table(mask, block_n)
-    _TABLES[id(key)] = (key, key._version, block_n, tables)
+    _TABLES[ident] = (root, key._version, tables)
     while len(_TABLES) > 8:
         _TABLES.popitem(last=False)
     return tables
@@ -293,7 +301,8 @@ def ref_attention(
         if not isinstance(ref_mask, Tensor):
             raise TypeError(f"ref_mask must be a tensor (B, R), got {type(ref_mask).__name__}")
         if ref_mask.shape not in ((B, R), (R,), (1, R)):
-            raise ValueError(f"ref_mask has shape {tuple(ref_mask.shape)}; expected (B, R) = ({B}, {R})")
+            raise ValueError(f"ref_mask has shape {tuple(ref_mask.shape)}; expected (B, R) = ({B}, {R}), (1, {R}) "
+                             f"or ({R},)")
         if ref_mask.device != q.device:
             raise ValueError(f"ref_mask is on {ref_mask.device} but q is on {q.device}")
         m = ref_mask if ref_mask.dtype == torch.bool else ref_mask != 0

@@ -52,11 +52,13 @@ def attention(
     mask_mode: str = "exclude", backend: str | None = None,
 ) -> Tensor:
     """q (B, H, Lq, D), k/v (B, H, Lk, D), pe (B, 1, L, D/2, 2, 2) applied to q and k (RoPE);
-    ref_k/ref_v (B, H, R, D), ref_mask (B, R) bool; λ: float or (B,) tensor.  Returns (B, Lq, H·D)."""
+    ref_k/ref_v (B, H, R, D), ref_mask (B, R), (1, R) or (R,) bool (the last two: one mask for every item);
+    λ: float or (B,) tensor.  Returns (B, Lq, H·D)."""
     if pe is not None:
         q, k = apply_rope(q, pe), apply_rope(k, pe)
     if mask_mode not in ("exclude", "zero"):
         raise ValueError(f"mask_mode must be 'exclude' or 'zero', got {mask_mode!r}")
+    ref_mask = subject_mask_arg(ref_mask, q, ref_k)  # every backend gets (B, R) bool on q's device
     backend = backend or _backend or _auto_backend(q, reference=ref_k is not None or not _is_one(lambda_txt))
     if backend == "reference":
         out = attention_reference(q, k, v, ref_k, ref_v, ref_mask, lambda_ref, lambda_txt, n_txt, mask_mode)
@@ -69,6 +71,27 @@ def attention(
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     B, H, L, D = out.shape
     return out.transpose(1, 2).reshape(B, L, H * D)
+
+
+def subject_mask_arg(ref_mask: Tensor | None, q: Tensor, ref_k: Tensor | None) -> Tensor | None:
+    """ref_mask (B, R), (1, R) or (R,) (one mask for every item), any dtype (nonzero = subject) -> (B, R) bool on
+    q's device, or None. A (B, R) bool mask already on q's device comes back as the same tensor object (the
+    triton backend caches its block table per mask tensor)."""
+    if ref_mask is None:
+        return None
+    if not isinstance(ref_mask, Tensor):
+        raise TypeError(f"ref_mask must be a tensor (B, R), got {type(ref_mask).__name__}")
+    B, R = q.shape[0], 0 if ref_k is None else ref_k.shape[2]
+    if ref_k is None:
+        if ref_mask.numel():
+            raise ValueError(f"ref_mask given ({tuple(ref_mask.shape)}) but there are no reference keys (ref_k)")
+        return None
+    if tuple(ref_mask.shape) not in ((B, R), (1, R), (R,)):
+        raise ValueError(f"ref_mask has shape {tuple(ref_mask.shape)}; expected (B, R) = ({B}, {R}), (1, {R}) "
+                         f"or ({R},) for R = ref_k.shape[2] reference keys")
+    m = ref_mask if ref_mask.dtype == torch.bool else ref_mask != 0
+    m = m.to(q.device)
+    return m if m.dim() == 2 and m.shape[0] == B else m.reshape(1, R).expand(B, R)
 
 
 def _auto_backend(q: Tensor, reference: bool = True) -> str:

@@ -45,6 +45,10 @@ def default_size(args, pipe) -> tuple[int, int]:
 
 
 def load_pipeline(args):
+    out = Path(args.output)  # checked before any work: a bad name would otherwise fail after generating
+    if out.suffix.lower() not in ("", ".png"):
+        raise SystemExit(f"error: --output must be a .png file (the parameters are stored as PNG text), got {out}")
+    args.output = str(out if out.suffix else out.with_suffix(".png"))
     from .pipeline import Pipeline
     return Pipeline.load(args.weights, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
                          offload=args.offload)
@@ -57,7 +61,8 @@ def save_images(images, args, pipe, command: str, extra: dict | None = None) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))]
     from .pipeline import DEFAULT_STEPS
-    meta = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps or DEFAULT_STEPS[pipe.variant],
+    steps = DEFAULT_STEPS[pipe.variant] if args.steps is None else args.steps
+    meta = {"prompt": args.prompt, "seed": args.seed, "steps": steps,
             "guidance": args.guidance if pipe.variant == "dev" else "none (schnell)",
             "size": f"{images[0].width}x{images[0].height}", "model": pipe.name, "variant": pipe.variant,
             "command": command, "minidit_version": __version__, **(extra or {})}
@@ -104,7 +109,7 @@ def cmd_freecus(args) -> None:
                      steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
                      num_images=args.num_images, progress=True)
     save_images(images, args, pipe, "freecus", {
-        "steps": args.steps or DEFAULT_STEPS[pipe.variant], "ref": args.ref, "mask": args.mask or "whole image",
+        "steps": DEFAULT_STEPS[pipe.variant] if args.steps is None else args.steps, "ref": args.ref, "mask": args.mask or "whole image",
         "ref_prompt": args.ref_prompt or "the prompt", "caption": args.caption or "",
         "lambda_ref": args.lambda_ref, "lambda_prompt": args.lambda_prompt,
         "vital_layers": "default" if vital is None else ",".join(map(str, vital)), "ans": not args.no_ans})

@@ -35,7 +35,11 @@ flux_utils.py, qwen_for_subject.py, seg_birefnet.py):
 - 30 steps, guidance 3.5, 512x512, seed 777, max_sequence_length 512 (FLUX.1-dev).
 - ANS: the reference latents are `scheduler.scale_noise(x_ref, t, ε)` over the schedule built from
   sigmas = linspace(1, 1/n, n) with mu = -calculate_shift(seq_len) ("negative", the default `--mu_shift_type`):
-  σ'_i = e^{-μ} / (e^{-μ} + (1/s_i - 1)), s_i = 1 - i/n. The reference is still *run at the target's
+  σ'_i = e^{-μ} / (e^{-μ} + (1/s_i - 1)), s_i = 1 - i/n. One discrepancy: in the released
+  `flux_utils.pil_to_latents_flux`, `height`/`width` are overwritten with the *latent* size before
+  `image_seq_len` is computed from them, so it is 16 at 512² (not 1024) and μ = calculate_shift(16) ≈ 0.459 at
+  any resolution. minidit follows the paper and the issue (μ of the real image token count, 0.63 at 512²);
+  `ans_mu=0.459` reproduces the released code's numbers. The reference is still *run at the target's
   timestep t_i*: the noised latents are swapped into a normal pipeline call (callback_on_step_end), whose time
   embedding follows the normal schedule. `ref_time="sigma"` tells the model σ'_i instead.
   ε: `randn` from `Generator("cpu").manual_seed(seed)` with the same seed as the target, i.e. the target's own
@@ -125,16 +129,21 @@ def check_vital_layers(layers: Iterable[int], n_layers: int) -> list[int]:
     return sorted(out)
 
 
-def reference_sigmas(steps: int, image_seq_len: int, ans: bool = True, shift: bool = True) -> Tensor:
+def reference_sigmas(steps: int, image_seq_len: int, ans: bool = True, shift: bool = True,
+                     mu: float | None = None) -> Tensor:
     """σ'_i, the noise level of the reference at step i = 0..steps-1 (float32, (steps,)).
 
     ans=True (adjusted noise shifting): FLUX's dynamic shift in the reversed direction, e^{-μ} instead of e^{μ}:
         σ'_i = e^{-μ} / (e^{-μ} + (1/s_i - 1)),   s_i = 1 - i/steps,   μ = calculate_mu(image_seq_len)
     so the reference is seen at lower noise than the target (finer detail).
-    ans=False: the target's own noise level, `get_schedule(steps, image_seq_len, shift)[:-1]`."""
+    ans=False: the target's own noise level, `get_schedule(steps, image_seq_len, shift)[:-1]`.
+    `mu` overrides μ of the reversed shift (see the module docstring for the authors' released value).
+    The reversed shift is applied for schnell too (its target schedule is unshifted; FreeCus was published with
+    FLUX.1-dev only) — pass ans=False there to see the reference at the target's noise level."""
     if not ans:
         return sampling.get_schedule(steps, image_seq_len, shift=shift)[:-1]
-    return sampling.get_schedule(steps, image_seq_len, shift=True, mu=-sampling.calculate_mu(image_seq_len))[:-1]
+    mu = sampling.calculate_mu(image_seq_len) if mu is None else mu
+    return sampling.get_schedule(steps, image_seq_len, shift=True, mu=-mu)[:-1]
 
 
 def noised_reference(x_ref: Tensor, eps: Tensor, sigma: float) -> Tensor:
@@ -230,7 +239,7 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
             vital_layers: Iterable[int] | None = None, ans: bool = True, seed: int | list[int] = 0,
             steps: int | None = None, guidance: float = GUIDANCE, height: int | None = None, width: int | None = None,
             num_images: int = 1, mask_mode: str = "exclude", ref_time: str = "target", ref_seed: int | None = None,
-            progress: bool = False, return_latents: bool = False):
+            ans_mu: float | None = None, progress: bool = False, return_latents: bool = False):
     """FreeCus: `num_images` images per prompt of the subject of `reference` (Reference(image, mask, prompt)).
 
     caption: a short description of the subject, appended to every prompt as `prompt + ". " + caption` (make it
@@ -257,7 +266,7 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
     subject = subject_tokens(mask)
     h, w = sampling.latent_size(height, width)
     seq_len = (h // 2) * (w // 2)
-    steps = steps or DEFAULT_STEPS[pipe.variant]
+    steps = DEFAULT_STEPS[pipe.variant] if steps is None else steps
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [with_caption(p, caption) for p in prompts for _ in range(num_images)]
@@ -273,7 +282,7 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
                          (seed if isinstance(seed, int) else seed[0]), pipe.device, pipe.dtype)
     img = sampling.noise(B, height, width, seed, pipe.device, pipe.dtype)
     timesteps = pipe.schedule(steps, height, width)
-    sigmas = reference_sigmas(steps, seq_len, ans=ans, shift=pipe.variant == "dev")
+    sigmas = reference_sigmas(steps, seq_len, ans=ans, shift=pipe.variant == "dev", mu=ans_mu)
     with pipe._use(model):
         img = denoise_freecus(model, img, sampling.image_ids(B, height, width, pipe.device), txt, txt_ids, vec,
                               timesteps, x_ref, eps, sigmas, subject.to(pipe.device), ref_txt, ref_vec,

@@ -23,7 +23,7 @@ from .autoencoder import AutoEncoder, load_autoencoder
 from .image import tensor_to_pil
 from .loading import CheckpointError
 from .text_encoder import TextEncoder
-from .transformer import Flux, load_transformer
+from .transformer import Flux, find_transformer, load_transformer
 
 DEFAULT_STEPS = {"dev": 28, "schnell": 4}
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
@@ -82,13 +82,17 @@ class WeightPaths:
     @staticmethod
     def find(root: Path, **overrides) -> "WeightPaths":
         root = Path(root)
-        bfl = sorted(root.glob("flux1-*.safetensors"))
         found = dict(
-            transformer=bfl[0] if bfl else root / "transformer",
+            transformer=find_transformer(root) or root / "transformer",
             ae=root / "ae.safetensors" if (root / "ae.safetensors").exists() else root / "vae",
             text_encoder=root / "text_encoder", text_encoder_2=root / "text_encoder_2",
             tokenizer=root / "tokenizer", tokenizer_2=root / "tokenizer_2")
-        found.update({k: Path(v) for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(overrides) - set(found))
+        if unknown:
+            raise ValueError(f"unknown component(s) {unknown}; the components are {sorted(found)}")
+        for k, v in overrides.items():  # a relative override is looked up in the root first, then as given
+            if v is not None:
+                found[k] = root / v if not Path(v).is_absolute() and (root / v).exists() else Path(v)
         missing = [f"{k} ({v})" for k, v in found.items() if not v.exists()]
         if missing:
             raise CheckpointError(f"weights incomplete in {root}: missing {', '.join(missing)}. Expected a FLUX.1 "
@@ -181,7 +185,7 @@ class Pipeline:
             return sampling.pack(ae.encode(image.to(self.device, self.dtype)))
 
     def schedule(self, steps: int | None, height: int, width: int) -> Tensor:
-        steps = steps or DEFAULT_STEPS[self.variant]
+        steps = DEFAULT_STEPS[self.variant] if steps is None else steps
         h, w = sampling.latent_size(height, width)
         return sampling.get_schedule(steps, (h // 2) * (w // 2), shift=self.variant == "dev")
 
@@ -192,6 +196,10 @@ class Pipeline:
         """Returns `num_images` PIL images per prompt. seed: an int draws the whole batch's noise from one
         generator (diffusers-identical); a list gives image i its own seed (reproducible alone)."""
         sampling.latent_size(height, width)  # validates the resolution before any work
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images)]
         txt, txt_ids, vec = self.encode_prompt(prompts)

@@ -3,13 +3,14 @@
     T5Tokenizer(".../tokenizer_2", max_length=512)(prompts)   -> LongTensor (B, max_length)   (256 for schnell)
     CLIPTokenizer(".../tokenizer")(prompts)                  -> LongTensor (B, 77)
 
-T5 (SentencePiece unigram, `spiece.model`): pieces + `</s>` (id 1), padded with `<pad>` (id 0). The pieces,
-scores and normalization table are read from spiece.model and run through the same `tokenizers` pipeline
-transformers builds for `T5TokenizerFast` (v5): the model's Precompiled (nmt_nfkc) normalizer, split on Unicode
-whitespace, "▁" before every word, unigram Viterbi. Raw sentencepiece differs from it on rare inputs (the
-Precompiled normalizer replaces a whole grapheme cluster by the mapping of its first character, so a space
-followed by a combining mark loses the mark; it splits on U+0085/U+1680/U+2029 which sentencepiece keeps), and
-FLUX's ids are transformers' ids. Special tokens written in a prompt (`</s>`, `<pad>`, `<unk>`, `<extra_id_N>`)
+T5 (SentencePiece unigram, `tokenizer.json` or `spiece.model`): pieces + `</s>` (id 1), padded with `<pad>`
+(id 0). The pieces, scores and normalization table are read from tokenizer.json (preferred, as transformers
+does; see T5Tokenizer) or spiece.model and run through the same `tokenizers` pipeline transformers builds for
+`T5TokenizerFast` (v5): the model's Precompiled (nmt_nfkc) normalizer, split on Unicode whitespace, "▁" before
+every word, unigram Viterbi. Raw sentencepiece differs from it on rare inputs (the Precompiled normalizer
+replaces a whole grapheme cluster by the mapping of its first character, so a space followed by a combining
+mark loses the mark; it splits on U+0085/U+1680/U+2029 which sentencepiece keeps), and FLUX's ids are
+transformers' ids. Special tokens written in a prompt (`</s>`, `<pad>`, `<unk>`, `<extra_id_N>`)
 become their ids, as in transformers. The 100 `<extra_id_N>` sentinels follow the pieces, last first:
 `<extra_id_0>` = pieces + 99 (32099 for T5).
 
@@ -85,52 +86,109 @@ def _protobuf_field(buf: bytes, number: int) -> bytes | None:
     return None
 
 
+def _t5_pipeline(vocab: list[tuple[str, float]], charsmap: bytes | None, specials: list[str], unk_id: int):
+    """The `tokenizers` pipeline transformers v5 builds for T5TokenizerFast (without its post-processor)."""
+    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import Unigram
+
+    tok = Tokenizer(Unigram(vocab, unk_id=unk_id, byte_fallback=False))
+    if charsmap:
+        tok.normalizer = normalizers.Precompiled(charsmap)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True),
+    ])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    return tok
+
+
 class T5Tokenizer:
-    """T5 tokenizer from a `tokenizer_2/` folder (spiece.model, and optionally the tokenizer_config.json whose
-    `extra_ids` is read) or a `.model` file."""
+    """T5 tokenizer from a `tokenizer_2/` folder, a `spiece.model` file or a `tokenizer.json` file.
+
+    A folder is read through its `tokenizer.json` (the `tokenizers` file transformers saves) when it has one,
+    else through `spiece.model`; `extra_ids` (default 100) comes from the `tokenizer_config.json` beside either.
+    The real FLUX.1 folders ship both files with the same pieces, scores and normalization table, so either
+    gives the same ids; tokenizer.json goes first because that is the file transformers (v4 and v5) reads when
+    both exist, so if the two ever disagree our ids still are FluxPipeline's. From tokenizer.json only what
+    transformers v5's `T5TokenizerFast` takes is used: the unigram pieces with their scores and the Precompiled
+    charsmap of its normalizer (also when it sits in a Sequence). Its pre-tokenizer, other normalizers and
+    post-processor are replaced by the same pipeline as for spiece.model, so `</s>` is appended exactly once
+    (a HF tokenizer.json's post-processor appends it too; it is not used)."""
 
     pad_id, eos_id, unk_id = 0, 1, 2
+    SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 in T5's layout
 
     def __init__(self, path: str | Path, max_length: int = 512):
-        import sentencepiece as spm
-        from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
-        from tokenizers.models import Unigram
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"T5 tokenizer not found: {path}")
-        model_file = path / "spiece.model" if path.is_dir() else path
-        if not model_file.is_file():
-            raise FileNotFoundError(f"T5 tokenizer: {model_file} is missing (the SentencePiece model)")
+        if path.is_dir():
+            for name in ("tokenizer.json", "spiece.model"):
+                if (path / name).is_file():
+                    path = path / name
+                    break
+            else:
+                raise FileNotFoundError(f"T5 tokenizer: {path} has neither tokenizer.json nor spiece.model "
+                                        "(a FLUX.1 tokenizer_2/ folder has both)")
         if max_length < 1:
             raise ValueError(f"T5 tokenizer: max_length must be >= 1, got {max_length}")
         extra_ids = 100
-        config = model_file.parent / "tokenizer_config.json"
+        config = path.parent / "tokenizer_config.json"
         if config.is_file():
-            extra_ids = int(json.loads(config.read_text()).get("extra_ids", 100))
+            extra_ids = int(json.loads(config.read_text(encoding="utf-8")).get("extra_ids", 100))
+        extra = [f"<extra_id_{i}>" for i in range(extra_ids)]
+        if path.suffix == ".json":
+            vocab, charsmap = self._read_tokenizer_json(path)   # already holds the sentinels, last first
+            specials = list(self.SPECIALS)
+        else:
+            vocab, charsmap, specials = self._read_spiece(path)
+            vocab = vocab + [(t, 0.0) for t in reversed(extra)]
+        self.tok = _t5_pipeline(vocab, charsmap, specials + extra, self.unk_id)
+        self.max_length, self.vocab_size = max_length, self.tok.get_vocab_size(with_added_tokens=True)
+        self.source = path
+
+    @classmethod
+    def _read_spiece(cls, model_file: Path) -> tuple[list[tuple[str, float]], bytes | None, list[str]]:
+        """(pieces with scores, precompiled charsmap, [pad, eos, unk] pieces) of a SentencePiece model."""
+        import sentencepiece as spm
+
         try:
             sp = spm.SentencePieceProcessor(model_file=str(model_file))
         except (RuntimeError, OSError) as e:
             raise ValueError(f"T5 tokenizer: cannot read {model_file} as a SentencePiece model ({e})") from None
-        if (sp.pad_id(), sp.eos_id(), sp.unk_id()) != (0, 1, 2):
+        if (sp.pad_id(), sp.eos_id(), sp.unk_id()) != (cls.pad_id, cls.eos_id, cls.unk_id):
             raise ValueError(f"T5 tokenizer: {model_file} must have pad=0, eos=1, unk=2 (T5's layout), got "
                              f"pad={sp.pad_id()}, eos={sp.eos_id()}, unk={sp.unk_id()}")
         n = sp.get_piece_size()
-        extra = [f"<extra_id_{i}>" for i in range(extra_ids)]
-        vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(n)] + [(t, 0.0) for t in reversed(extra)]
-
-        tok = Tokenizer(Unigram(vocab, unk_id=self.unk_id, byte_fallback=False))
+        vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(n)]
         spec = _protobuf_field(sp.serialized_model_proto(), 3)  # ModelProto.normalizer_spec
         charsmap = _protobuf_field(spec, 2) if spec else None   # NormalizerSpec.precompiled_charsmap
-        if charsmap:
-            tok.normalizer = normalizers.Precompiled(charsmap)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True),
-        ])
         specials = [sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]  # pad eos unk
-        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials + extra])
-        self.tok, self.max_length, self.vocab_size = tok, max_length, n + extra_ids
+        return vocab, charsmap, specials
+
+    @classmethod
+    def _read_tokenizer_json(cls, file: Path) -> tuple[list[tuple[str, float]], bytes | None]:
+        """(pieces with scores, precompiled charsmap) of a `tokenizers` tokenizer.json holding a T5 unigram."""
+        import base64
+
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(file))  # the library's own check that this is a tokenizer it can run
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception on malformed files)
+            raise ValueError(f"T5 tokenizer: cannot read {file} as a tokenizers tokenizer.json ({e})") from None
+        model = data.get("model") or {}
+        if model.get("type", "Unigram") != "Unigram" or not isinstance(model.get("vocab"), list):
+            raise ValueError(f"T5 tokenizer: {file} holds a {model.get('type')} model; T5 needs a Unigram one")
+        vocab = [(str(piece), float(score)) for piece, score in model["vocab"]]
+        if tuple(p for p, _ in vocab[:3]) != cls.SPECIALS or model.get("unk_id") != cls.unk_id:
+            raise ValueError(f"T5 tokenizer: {file} must have <pad>, </s>, <unk> at ids 0, 1, 2 and unk_id=2 "
+                             f"(T5's layout), got {[p for p, _ in vocab[:3]]} and unk_id={model.get('unk_id')}")
+        norm = data.get("normalizer") or {}
+        parts = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+        charsmaps = [n["precompiled_charsmap"] for n in parts if n.get("type") == "Precompiled"]
+        return vocab, base64.b64decode(charsmaps[0]) if charsmaps and charsmaps[0] else None
 
     def encode(self, text: str) -> list[int]:
         """Ids of one prompt followed by `</s>`, without truncation or padding."""

@@ -364,8 +364,23 @@ def diffusers_to_bfl_plan(depth: int, depth_single: int, guidance: bool) -> dict
     return plan
 
 
+def find_transformer(root) -> "Path | None":
+    """The transformer inside a FLUX.1 repository root, in order of preference: `flux1-dev.safetensors` /
+    `flux1-schnell.safetensors` (BFL), any other `flux1-*.safetensors` (e.g. an fp8 copy), the diffusers
+    `transformer/` folder. None if there is none."""
+    from pathlib import Path
+    root = Path(root)
+    for name in ("flux1-dev.safetensors", "flux1-schnell.safetensors"):
+        if (root / name).is_file():
+            return root / name
+    others = sorted(root.glob("flux1-*.safetensors"))
+    if others:
+        return others[0]
+    return root / "transformer" if (root / "transformer").is_dir() else None
+
+
 def _resolve_transformer(path) -> tuple[list, str]:
-    """-> (safetensors files, layout "bfl" | "diffusers") for a file, a `transformer/` folder or a repo root."""
+    """-> (safetensors files, layout "bfl" | "diffusers" | "auto") for a file, a repo root or a `transformer/` folder."""
     from pathlib import Path
 
     from .loading import CheckpointError, find_safetensors
@@ -374,12 +389,10 @@ def _resolve_transformer(path) -> tuple[list, str]:
         raise CheckpointError(f"transformer checkpoint not found: {path}")
     if path.is_file():
         return [path], "auto"
-    if (path / "transformer").is_dir():
-        return find_safetensors(path / "transformer"), "diffusers"
-    bfl = sorted(path.glob("flux1-*.safetensors"))
-    if bfl:
-        return [bfl[0]], "bfl"
-    return find_safetensors(path), "auto"
+    hit = find_transformer(path)
+    if hit is None:  # the folder itself holds the weights (a diffusers transformer/ folder)
+        return find_safetensors(path), "auto"
+    return ([hit], "bfl") if hit.is_file() else (find_safetensors(hit), "diffusers")
 
 
 def load_transformer(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -26,3 +26,15 @@ def test_load_memory_bench_small():
 def test_freecus_bench_small():
     out = run("bench/freecus.py", "--steps", "1", "--repeats", "1")
     assert "denoising loop only" in out and "x |" in out
+
+
+def test_record_appends_inside_its_own_section(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
+    common.RESULTS.write_text("# Benchmark results\n\n## A\n\nintro A\n\n## B\n\nintro B\n")
+    common.record("A", "| row a |")
+    common.record("C", "| row c |", intro="intro C")
+    common.record("B", "| row b |")
+    assert common.RESULTS.read_text() == ("# Benchmark results\n\n## A\n\nintro A\n\n| row a |\n\n## B\n\nintro B\n\n"
+                                          "| row b |\n\n## C\n\nintro C\n\n| row c |\n")

@@ -78,7 +78,8 @@ def test_reversed_shift_matches_formula(height, width, steps):
 @pytest.mark.parametrize("seq,steps", [(1024, 30), (4096, 28), (320, 5)])
 def test_reversed_shift_matches_the_authors_scheduler_path(seq, steps):
     """The authors build σ' with diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/n, n),
-    mu=-calculate_shift(seq)) and noise the reference with scheduler.scale_noise; same numbers here."""
+    mu=-calculate_shift(seq)) and noise the reference with scheduler.scale_noise; same numbers here (with the
+    paper's seq = image tokens; their released code passes seq = 16, see `ans_mu`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096,
                                             base_shift=0.5, max_shift=1.15, shift=3.0)
@@ -402,3 +403,16 @@ def test_cli_box_mask_equals_api_box(pipe, repo, tmp_path):
     api = pipe.freecus("a dog", Reference(str(ref_png), (16, 16, 32, 32)), steps=2)[0]
     assert np.array_equal(np.asarray(api), np.asarray(Image.open(out).convert("RGB")))
     assert Image.open(out).text["mask"] == "16,16,32,32"
+
+
+def test_ans_mu_override_reproduces_the_released_code():
+    """flux_utils.pil_to_latents_flux computes image_seq_len from the latent size: 16 at 512², μ ≈ 0.459."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    mu16 = calculate_shift(16, 256, 4096, 0.5, 1.15)
+    assert mu16 == pytest.approx(0.4594, abs=1e-4)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096,
+                                            base_shift=0.5, max_shift=1.15, shift=3.0)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 30, 30), mu=-mu16)
+    torch.testing.assert_close(reference_sigmas(30, 1024, mu=mu16), sched.sigmas[:-1].float(), atol=2e-6, rtol=0)
+    assert not torch.allclose(reference_sigmas(30, 1024), reference_sigmas(30, 1024, mu=mu16), atol=1e-3)

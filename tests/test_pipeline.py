@@ -140,11 +140,14 @@ def test_cli_generate_writes_png_with_metadata(tmp_path, dev_repo, capsys):
     (["--weights", "/nonexistent/flux"], "weights not found"),
     (["--weights", "nobody/no-such-model"], "not in the local Hugging Face cache"),
     (["--num-images", "0"], "--num-images must be >= 1"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--output", "picture.jpg"], "--output must be a .png file"),
 ])
 def test_cli_errors_are_named(tmp_path, argv, message, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--prompt", "x", "--output", str(tmp_path / "o.png"), "--steps", "1", *argv])
+        main(["generate", "--prompt", "x", "--output", str(tmp_path / "o.png"), "--steps", "1", "--height", "32",
+              "--width", "32", *argv])
     assert message in str(e.value)
 
 
@@ -186,3 +189,34 @@ def _spy(fn, calls):
         calls.append(args[0] if args else kw.get("device"))
         return fn(self, *args, **kw)
     return to
+
+
+def test_cli_output_without_suffix_gets_png(tmp_path, dev_repo):
+    main(["generate", "--prompt", "x", "--weights", str(dev_repo), "--height", "32", "--width", "32", "--steps", "1",
+          "--output", str(tmp_path / "picture")])
+    assert Image.open(tmp_path / "picture.png").text["steps"] == "1"
+
+
+def test_generate_argument_errors(dev_repo):
+    pipe = Pipeline.load(dev_repo, device="cpu")
+    with pytest.raises(ValueError, match="num_images must be >= 1"):
+        pipe.generate("x", height=32, width=32, num_images=0)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        pipe.generate("x", height=32, width=32, steps=0)
+
+
+def test_component_overrides_relative_to_root_and_preferences(tmp_path, dev_repo):
+    root = tmp_path / "r"
+    shutil.copytree(dev_repo, root)
+    # an fp8-named sibling sorts before flux1-dev.safetensors but must not be picked over the exact name
+    shutil.copy(root / "flux1-dev.safetensors", root / "flux1-dev-bad.safetensors")
+    (root / "flux1-dev-bad.safetensors").write_bytes(b"not a checkpoint")
+    from minidit.pipeline import WeightPaths
+    assert WeightPaths.find(root).transformer == root / "flux1-dev.safetensors"
+    (root / "flux1-dev.safetensors").rename(root / "flux1-dev-fp32.safetensors")
+    (root / "flux1-dev-bad.safetensors").unlink()
+    p = WeightPaths.find(root, transformer="flux1-dev-fp32.safetensors")  # relative to the root
+    assert p.transformer == root / "flux1-dev-fp32.safetensors"
+    assert Pipeline.load(root, device="cpu", transformer="flux1-dev-fp32.safetensors").variant == "dev"
+    with pytest.raises(ValueError, match="unknown component"):
+        WeightPaths.find(root, vae="x")

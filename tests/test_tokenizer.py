@@ -1,5 +1,7 @@
 """Tokenizers: the same ids as the transformers tokenizers diffusers' FluxPipeline uses, on varied prompts."""
+import json
 import random
+import shutil
 import warnings
 
 import pytest
@@ -154,7 +156,7 @@ def test_t5_tokenizer_deterministic(tmp_path, t5_folder):
 
 
 def test_errors(tmp_path, t5_folder):
-    with pytest.raises(FileNotFoundError, match="spiece.model"):
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor spiece.model"):
         T5Tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
         T5Tokenizer(tmp_path / "nope")
@@ -165,3 +167,114 @@ def test_errors(tmp_path, t5_folder):
     (tmp_path / "bad.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(ValueError, match="SentencePiece"):
         T5Tokenizer(tmp_path / "bad.model")
+
+
+# ------------------------------------------------------------------ T5 from tokenizer.json (what transformers saves)
+
+@pytest.fixture(scope="module")
+def t5_json_folder(tmp_path_factory, hf_t5):
+    """A tokenizer_2/ folder with tokenizer.json (+ tokenizer_config.json) and no spiece.model, as transformers
+    writes it (the real FLUX.1 folders ship this tokenizer.json next to spiece.model)."""
+    folder = tmp_path_factory.mktemp("tokenizer_2_json")
+    hf_t5.save_pretrained(folder)
+    (folder / "spiece.model").unlink(missing_ok=True)
+    assert (folder / "tokenizer.json").is_file() and not (folder / "spiece.model").exists()
+    return folder
+
+
+def _long_warning(caught, n):
+    return [str(w.message) for w in caught if f"has {n} tokens;" in str(w.message)]
+
+
+@pytest.mark.parametrize("max_length", [512, 256])
+def test_t5_json_ids_match_transformers(t5_folder, t5_json_folder, hf_t5, max_length):
+    ours = T5Tokenizer(t5_json_folder, max_length)
+    assert ours.source.name == "tokenizer.json" and ours.vocab_size == len(hf_t5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = ours(PROMPTS)
+    # the oracle reads the same folder (transformers takes tokenizer.json when there is no spiece.model)
+    hf_json = transformers.T5TokenizerFast.from_pretrained(t5_json_folder)
+    ref = _hf_ids(hf_json, PROMPTS, max_length)
+    assert got.shape == (len(PROMPTS), max_length)
+    bad = [p for p, a, b in zip(PROMPTS, got, ref) if not torch.equal(a, b)]
+    assert not bad, f"{len(bad)} prompts differ, e.g. {bad[:3]!r}"
+    assert torch.equal(ref, _hf_ids(hf_t5, PROMPTS, max_length))  # same ids as from spiece.model in transformers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(got, T5Tokenizer(t5_folder, max_length)(PROMPTS))  # and in minidit
+    # one </s> (the file's post-processor appends one too), then padding
+    assert got[PROMPTS.index("")].tolist() == [1] + [0] * (max_length - 1)
+    assert got[PROMPTS.index("a")].tolist()[:3] == hf_json("a").input_ids + [0] and len(hf_json("a").input_ids) == 2
+    long = " ".join(CORPUS)
+    n = len(hf_json(long).input_ids)
+    assert n > max_length and _long_warning(caught, n) == [
+        f"T5 tokenizer: prompt {PROMPTS.index(long)} has {n} tokens; {n - max_length} token(s) past "
+        f"max_length={max_length} were dropped"]
+    assert got[PROMPTS.index(long), -1] == 1
+
+
+def test_t5_json_file_path(t5_folder, t5_json_folder):
+    by_file = T5Tokenizer(t5_json_folder / "tokenizer.json", 64)
+    assert by_file.source == t5_json_folder / "tokenizer.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(by_file(PROMPTS), T5Tokenizer(t5_folder, 64)(PROMPTS))
+    assert by_file("<extra_id_0></s>")[0, :3].tolist() == [by_file.vocab_size - 1, 1, 1]
+
+
+def test_t5_prefers_tokenizer_json_as_transformers_does(tmp_path, t5_folder):
+    """Both files present but disagreeing (a 300-piece tokenizer.json, the 400-piece spiece.model): transformers
+    reads tokenizer.json, so we do too."""
+    small = write_t5_tokenizer(tmp_path / "small", vocab_size=300)
+    both = tmp_path / "both"
+    transformers.T5TokenizerFast.from_pretrained(small).save_pretrained(both)
+    shutil.copyfile(t5_folder / "spiece.model", both / "spiece.model")
+    hf = transformers.T5TokenizerFast.from_pretrained(both)
+    ours = T5Tokenizer(both, 128)
+    assert ours.source.name == "tokenizer.json" and ours.vocab_size == len(hf) == 400
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ours(PROMPTS)
+        assert not torch.equal(got, T5Tokenizer(t5_folder, 128)(PROMPTS))  # the two files really disagree
+    assert torch.equal(got, _hf_ids(hf, PROMPTS, 128))
+
+
+def test_t5_json_older_layout(tmp_path, t5_json_folder):
+    """tokenizer.json as older transformers wrote it (legacy Metaspace, Precompiled inside a Sequence with
+    Strip/Replace, no post-processor, no model type): transformers v5 keeps only the pieces and the charsmap."""
+    data = json.loads((t5_json_folder / "tokenizer.json").read_text(encoding="utf-8"))
+    data["normalizer"] = {"type": "Sequence", "normalizers": [
+        data["normalizer"], {"type": "Strip", "strip_left": False, "strip_right": True},
+        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": "\u2581"}]}
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "WhitespaceSplit"}, {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True}]}
+    data["post_processor"] = None
+    del data["model"]["type"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    shutil.copyfile(t5_json_folder / "tokenizer_config.json", old / "tokenizer_config.json")
+    hf = transformers.T5TokenizerFast.from_pretrained(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = T5Tokenizer(old, 256)(PROMPTS)
+        assert torch.equal(got, T5Tokenizer(t5_json_folder, 256)(PROMPTS))
+    assert torch.equal(got, _hf_ids(hf, PROMPTS, 256))
+
+
+def test_t5_json_errors(tmp_path, t5_json_folder):
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+
+    (tmp_path / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="cannot read .*tokenizer.json as a tokenizers tokenizer.json"):
+        T5Tokenizer(tmp_path)
+    Tokenizer(BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")])).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="BPE model; T5 needs a Unigram one"):
+        T5Tokenizer(tmp_path / "tokenizer.json")
+    data = json.loads((t5_json_folder / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["vocab"][:2] = data["model"]["vocab"][1::-1]  # </s> and <pad> swapped
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ValueError, match="<pad>, </s>, <unk> at ids 0, 1, 2"):
+        T5Tokenizer(tmp_path)

@@ -5,7 +5,7 @@ ever unpickled). Loading goes through minidit's own loaders, so a conversion als
     python -m minidit.weights.convert transformer SRC DST_FOLDER --to diffusers   # BFL file -> transformer/ folder
     python -m minidit.weights.convert ae SRC DST.safetensors                 # diffusers vae/ -> ae.safetensors
 
-The stored dtype is kept unless --dtype is given. Memory: one copy of the component in host RAM (the output is
+The stored dtype is kept unless --dtype is given (fp8 sources are written as bf16: fp8 is a storage format here). Memory: one copy of the component in host RAM (the output is
 written with safetensors' save_file, which needs every tensor at once): 23.8 GB for a bf16 FLUX.1 transformer.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def stored_dtype(path: Path) -> torch.dtype:
             continue
         for k in sd:
             if sd.dtype(k).is_floating_point:
-                return torch.float32 if sd.dtype(k) in (torch.float8_e4m3fn, torch.float8_e5m2) else sd.dtype(k)
+                return torch.bfloat16 if sd.dtype(k) in (torch.float8_e4m3fn, torch.float8_e5m2) else sd.dtype(k)
     return torch.float32
 
 
