@@ -77,7 +77,7 @@ class WeightPaths:
     text_encoder: Path       # CLIP
     text_encoder_2: Path     # T5
     tokenizer: Path          # CLIP vocab.json + merges.txt
-    tokenizer_2: Path        # T5 spiece.model
+    tokenizer_2: Path        # T5 tokenizer.json or spiece.model
 
     @staticmethod
     def find(root: Path, **overrides) -> "WeightPaths":
