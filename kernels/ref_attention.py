@@ -26,6 +26,7 @@ How the kernel works:
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 
@@ -150,16 +151,54 @@ def interpreting() -> bool:
     return not isinstance(_ref_attention_fwd, triton.runtime.JITFunction)
 
 
-def default_config(D: int, device: torch.device) -> dict:
-    """Launch config: BLOCK_M, BLOCK_N, num_warps, num_stages. The CUDA defaults target H100/H200 and were chosen
-    offline from triton's sm_90 compile (no GPU here): K/V loads software-pipelined, no register spills (D=128:
-    211-239 registers/thread, 128 KiB shared memory; BLOCK_N=128 spills). `python bench/attention.py --sweep`
-    times the alternatives on a real GPU. The CPU interpreter gets small blocks."""
+# Launch configs (block_m, block_n, num_warps, num_stages), most preferred first; the first whose shared memory
+# fits the device is used. 16-bit, D <= 128: the H100/H200 default was chosen offline from triton's sm_90 compile
+# (K/V loads software-pipelined, no register spills: D=128 211 registers/thread, 128 KiB shared memory;
+# BLOCK_N=128 spills); smaller budgets lose a pipeline stage, then half the key block (sm_86/89, 99 KiB:
+# 128/32/8/3, 64 KiB, no spills). fp32 runs the exact FMA path (input_precision "ieee"): larger tiles than 32x16
+# make ptxas spill kilobytes per thread and take ~15 s to compile. `python bench/attention.py --sweep` times
+# the alternatives on a real GPU.
+CONFIGS = {
+    "16-bit": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
+    "16-bit D=256": [(64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
+    "fp32": [(32, 16, 4, 3), (32, 16, 4, 2)],
+}
+
+
+def smem_estimate(D: int, elsize: int, block_m: int, block_n: int, num_stages: int) -> int:
+    """Upper bound on the kernel's shared memory in bytes: num_stages buffers of one K and one V tile
+    (block_n, D) for the pipelined loads, the Q tile (block_m, D) (wgmma reads it from shared memory on sm_90)
+    and a (block_m, block_n) tile for layout conversions of P. Never below triton's compiled `metadata.shared` in
+    ~130 configs compiled offline for sm_80/86/90 (fp32, bf16; D 64/128/256): e.g. bf16 D=128 128/64/3 stages
+    147,456 vs 131,072 compiled on sm_90 and 98,304 on sm_80 (Q stays in registers there); the chosen configs are
+    checked by tests/test_attention.py."""
+    return elsize * (num_stages * 2 * block_n * D + block_m * D + block_m * block_n)
+
+
+def launch_config(D: int, elsize: int, smem: int) -> dict:
+    """The first config of CONFIGS for this element size and head dim whose smem_estimate fits `smem` bytes
+    (the device's opt-in shared memory per block); the smallest one if none does."""
+    table = CONFIGS["fp32" if elsize == 4 else "16-bit" if D <= 128 else "16-bit D=256"]
+    for bm, bn, w, st in table:
+        if smem_estimate(D, elsize, bm, bn, st) <= smem:
+            break
+    return dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+
+
+@functools.cache
+def _smem_optin(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+def default_config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Launch config: BLOCK_M, BLOCK_N, num_warps, num_stages for this head dim, dtype and device: on CUDA the
+    first of CONFIGS that fits the device's shared memory (H100/H200 227 KiB, A100 163 KiB, sm_86/89 99 KiB).
+    The CPU interpreter gets small blocks."""
     if device.type != "cuda":
         return dict(block_m=32, block_n=32, num_warps=4, num_stages=1)
-    if D <= 128:
-        return dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    return dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return launch_config(D, dtype.itemsize, _smem_optin(index))
 
 
 _TABLES: OrderedDict = OrderedDict()  # cache key -> (root tensor, its _version, tables); holds the root alive
@@ -274,7 +313,7 @@ def ref_attention(
             raise ValueError(f"ref_k {tuple(ref_k.shape)} and ref_v {tuple(ref_v.shape)} must have the same shape")
         R = ref_k.shape[2]
 
-    cfg = default_config(D, q.device)
+    cfg = default_config(D, q.dtype, q.device)
     block_m = block_m or cfg["block_m"]
     block_n = block_n or cfg["block_n"]
     for name, val in (("block_m", block_m), ("block_n", block_n)):

@@ -81,11 +81,11 @@ def subject_mask_arg(ref_mask: Tensor | None, q: Tensor, ref_k: Tensor | None) -
         return None
     if not isinstance(ref_mask, Tensor):
         raise TypeError(f"ref_mask must be a tensor (B, R), got {type(ref_mask).__name__}")
-    B, R = q.shape[0], 0 if ref_k is None else ref_k.shape[2]
     if ref_k is None:
         if ref_mask.numel():
             raise ValueError(f"ref_mask given ({tuple(ref_mask.shape)}) but there are no reference keys (ref_k)")
         return None
+    B, R = q.shape[0], ref_k.shape[2]
     if tuple(ref_mask.shape) not in ((B, R), (1, R), (R,)):
         raise ValueError(f"ref_mask has shape {tuple(ref_mask.shape)}; expected (B, R) = ({B}, {R}), (1, {R}) "
                          f"or ({R},) for R = ref_k.shape[2] reference keys")

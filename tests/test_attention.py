@@ -210,6 +210,78 @@ def test_mask_changed_in_place_is_seen():
     assert maxdiff(out, ref(q, k, v, rk, rv, m, LR, LP, N_TXT, "exclude")) <= 2e-5
 
 
+def test_block_table_cache_is_keyed_on_the_expanded_shape():
+    """One (R,) mask reused at B=1 then B=3: the B=1 tables must not be reused (the kernel would read counts and
+    block lists of items 1 and 2 past their end)."""
+    m = subject_mask()[1]  # (R,)
+    one = K._cached_block_table(m, m.reshape(1, R).expand(1, R), 16)
+    three = K._cached_block_table(m, m.reshape(1, R).expand(3, R), 16)
+    assert one[0].shape[0] == one[1].shape[0] == 1
+    assert [t.shape[0] for t in three] == [3, 3, 3]
+    assert three[1].tolist() == [one[1].item()] * 3
+    assert K._cached_block_table(m, m.reshape(1, R).expand(1, R), 8)[0].shape == (1, 6)  # block_n is in the key too
+    q, k, v, rk, rv = inputs(64, torch.float32, b=3)
+    lr, lp = torch.tensor([1.4, 0.7, 1.1]), torch.tensor([0.6, 1.5, 1.0])
+    for mask in (m, m[None]):  # (R,) and (1, R), each at B=1 first, then B=3
+        for b in (1, 3):
+            f = [t[:b] for t in (q, k, v, rk, rv)]
+            out = ref_attention(*f, mask, lr[:b], lp[:b], N_TXT, "zero", **BLK)
+            want = ref(*f, mask.reshape(1, R).expand(b, R), lr[:b], lp[:b], N_TXT, "zero")
+            assert maxdiff(out, want) <= 2e-5
+
+
+def test_block_table_cache_hits_for_views_of_one_mask(monkeypatch):
+    """attention() expands a (R,) mask to (B, R) with a new view each call; the tables are still built once."""
+    calls = []
+    real = K.block_table
+    monkeypatch.setattr(K, "block_table", lambda *a: calls.append(1) or real(*a))
+    q, k, v, rk, rv = inputs(64, torch.float32)
+    m = subject_mask()[0].clone()  # a fresh tensor: not in the cache yet
+    kw = dict(ref_k=rk, ref_v=rv, ref_mask=m, lambda_ref=LR, lambda_txt=LP, n_txt=N_TXT, backend="triton")
+    first = attention(q, k, v, **kw)
+    assert torch.equal(attention(q, k, v, **kw), first) and len(calls) == 1
+    m[:16] = ~m[:16]  # changed in place: seen through the view's shared version counter
+    out = attention(q, k, v, **kw)
+    assert len(calls) == 2
+    assert maxdiff(out, attention(q, k, v, **{**kw, "backend": "reference"})) <= 2e-5
+
+
+def test_inference_mode_mask():
+    """Inference tensors keep no version counter: the mask is then not cached, and in-place changes are seen."""
+    q, k, v, rk, rv = inputs(64, torch.float32)
+    with torch.inference_mode():
+        m = subject_mask()
+        ref_attention(q, k, v, rk, rv, m, LR, LP, N_TXT, "exclude", **BLK)
+        m[1] = ~m[1]
+        out = ref_attention(q, k, v, rk, rv, m, LR, LP, N_TXT, "exclude", **BLK)
+    assert maxdiff(out, ref(q, k, v, rk, rv, m, LR, LP, N_TXT, "exclude")) <= 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mask_shapes_on_every_backend(dtype):
+    """(B, R), (1, R) and (R,) masks (and non-bool ones) mean the same on every backend; other shapes are refused."""
+    q, k, v, rk, rv = inputs(64, dtype)
+    full = subject_mask()
+    full[1] = full[0]  # one mask for both items, so that (1, R) and (R,) can say the same
+    kw = dict(ref_k=rk, ref_v=rv, lambda_ref=LR, lambda_txt=LP, n_txt=N_TXT)
+    want = attention(q, k, v, ref_mask=full, backend="reference", mask_mode="zero", **kw).float()
+    assert maxdiff(want, attention(q, k, v, ref_mask=~full, backend="reference", mask_mode="zero", **kw)) > 0.1
+    for backend in ("reference", "sdpa", "triton"):
+        for m in (full, full[:1], full[0], full.to(torch.uint8), full[0].float()):
+            out = attention(q, k, v, ref_mask=m, backend=backend, mask_mode="zero", **kw)
+            assert out.shape == want.shape and out.dtype == dtype
+            assert maxdiff(out, want) <= TOL[dtype], (backend, tuple(m.shape), m.dtype)
+        for bad in (full[:, :-1], full[0, :-1], torch.ones(3, R, dtype=torch.bool), full[..., None]):
+            with pytest.raises(ValueError, match=r"ref_mask has shape .*expected \(B, R\) = \(2, 45\), "
+                                                 r"\(1, 45\) or \(45,\)"):
+                attention(q, k, v, ref_mask=bad, backend=backend, **kw)
+        with pytest.raises(ValueError, match="no reference keys"):
+            attention(q, k, v, ref_mask=full, backend=backend)
+        with pytest.raises(TypeError, match="ref_mask must be a tensor"):
+            attention(q, k, v, ref_mask=[True] * R, backend=backend, **kw)
+    assert A.subject_mask_arg(full, q, rk) is full  # passed through as is: the triton block-table cache key
+
+
 # ---- layouts, dispatch, errors -------------------------------------------------------------------------------
 
 def test_strided_inputs_and_output_layout():
@@ -305,36 +377,52 @@ def test_bf16_in_the_interpreter_is_upcast():
 # ---- compiled kernel: sm_90 code generation without a GPU; bf16 on a real GPU --------------------------------
 
 COMPILE = r"""
-import importlib, json, os, subprocess, tempfile, torch, triton
+import importlib, json, os, subprocess, sys, tempfile, torch, triton
 from triton.backends.compiler import GPUTarget
 K = importlib.import_module("minidit.kernels.ref_attention")
-res = {"interpreting": K.interpreting()}
-try:
-    K.ref_attention(*(torch.zeros(1, 1, 4, 64) for _ in range(3)))
-except RuntimeError as e:
-    res["cpu_error"] = str(e)
 fn = K._ref_attention_fwd
-PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "RK": "*bf16", "RV": "*bf16", "OUT": "*bf16", "MASK": "*i8",
-        "BLOCKS": "*i32", "COUNTS": "*i32", "NZERO": "*i32", "VISITS": "*i32", "lam_r": "*fp32", "lam_p": "*fp32",
-        "qk_scale": "fp32"}
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-for mask in (True, False):
-    cfg = K.default_config(128, torch.device("cuda"))
-    const = dict(D=128, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], HAS_REF=True, HAS_MASK=mask,
-                 ZERO_MODE=False, EVEN_K=True, LAM_R_PTR=True, LAM_P_PTR=True, COUNT_VISITS=False, PREC="tf32")
-    sig = {n: "constexpr" if n in const else PTRS.get(n, "i32") for n in fn.arg_names}
-    # what the JIT infers for 16-byte aligned pointers and strides divisible by 16 (row strides of (B,H,L,128))
+
+
+def compile_(dtype, D, cc, cfg, mask=True):
+    t = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
+    ptrs = {"Q": t, "K": t, "V": t, "RK": t, "RV": t, "OUT": t, "MASK": "*i8", "BLOCKS": "*i32", "COUNTS": "*i32",
+            "NZERO": "*i32", "VISITS": "*i32", "lam_r": "*fp32", "lam_p": "*fp32", "qk_scale": "fp32"}
+    const = dict(D=D, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], HAS_REF=True, HAS_MASK=mask,
+                 ZERO_MODE=False, EVEN_K=True, LAM_R_PTR=True, LAM_P_PTR=True, COUNT_VISITS=False,
+                 PREC="ieee" if dtype == "fp32" else "tf32")
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in fn.arg_names}
+    # what the JIT infers for 16-byte aligned pointers and strides divisible by 16 (row strides of (B,H,L,D))
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n].startswith("*") or (n.startswith("s_") and n != "s_mb")}
-    k = triton.compile(triton.compiler.ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(triton.compiler.ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cc, 32),
                        options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
     usage = subprocess.run([os.path.join(ptxas, "cuobjdump"), "--dump-resource-usage", f.name],
                            capture_output=True, text=True).stdout
-    res[f"mask={mask}"] = dict(async_copies=k.asm["ttgir"].count("async_copy_global_to_local"),
-                               usage=[l.strip() for l in usage.splitlines() if "REG:" in l][0],
-                               shared=k.metadata.shared)
+    os.unlink(f.name)
+    return dict(cfg=cfg, async_copies=k.asm["ttgir"].count("async_copy_global_to_local"),
+                usage=[l.strip() for l in usage.splitlines() if "REG:" in l][0], shared=k.metadata.shared,
+                estimate=K.smem_estimate(D, 4 if dtype == "fp32" else 2, cfg["block_m"], cfg["block_n"],
+                                         cfg["num_stages"]))
+
+
+res = {}
+if sys.argv[1] == "sm90":
+    res["interpreting"] = K.interpreting()
+    try:
+        K.ref_attention(*(torch.zeros(1, 1, 4, 64) for _ in range(3)))
+    except RuntimeError as e:
+        res["cpu_error"] = str(e)
+    for mask in (True, False):  # H100/H200: 232,448 bytes of opt-in shared memory per block
+        res[f"mask={mask}"] = compile_("bf16", 128, 90, K.launch_config(128, 2, 232448), mask)
+else:  # sm_86/89 (101,376 bytes) and A100 (166,912 bytes)
+    for dtype in sys.argv[1].split(","):
+        for D in (64, 128):
+            for cc, smem in ((86, 101376), (80, 166912)):
+                cfg = K.launch_config(D, 4 if dtype == "fp32" else 2, smem)
+                res[f"{dtype} D={D} sm_{cc}"] = dict(compile_(dtype, D, cc, cfg), budget=smem)
 print("RESULT" + json.dumps(res))
 """
 
@@ -345,22 +433,69 @@ def _clean_env():
     return env
 
 
-def test_compiles_for_sm90_pipelined_without_spills():
-    """The real (not interpreted) kernel, compiled for H100/H200 by triton's bundled ptxas, no GPU needed."""
+def _bundled_ptxas():
     bin_dir = os.path.join(os.path.dirname(importlib.util.find_spec("triton").origin), "backends", "nvidia", "bin")
     if not os.path.exists(os.path.join(bin_dir, "ptxas")):
         pytest.skip("triton wheel without ptxas")
-    p = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=_clean_env(),
-                       cwd=ROOT, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads(p.stdout.split("RESULT", 1)[1])
+
+
+def _compile_offline(*jobs):
+    """Runs COMPILE (real, not interpreted kernels for a GPUTarget, no GPU needed) once per job, in parallel."""
+    procs = [subprocess.Popen([sys.executable, "-c", COMPILE, job], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=_clean_env(), cwd=ROOT) for job in jobs]
+    done = [(p, *p.communicate(timeout=300)) for p in procs]
+    res = {}
+    for p, out, err in done:
+        assert p.returncode == 0, err[-3000:]
+        res.update(json.loads(out.split("RESULT", 1)[1]))
+    return res
+
+
+def test_compiles_for_sm90_pipelined_without_spills():
+    """The real (not interpreted) kernel, compiled for H100/H200 by triton's bundled ptxas, no GPU needed."""
+    _bundled_ptxas()
+    res = _compile_offline("sm90")
     assert res["interpreting"] is False
     assert "TRITON_INTERPRET=1" in res["cpu_error"]  # CPU tensors without the interpreter: a clear error
     for variant in ("mask=True", "mask=False"):
         r = res[variant]
+        assert r["cfg"] == dict(block_m=128, block_n=64, num_warps=8, num_stages=3)  # the H100/H200 default
         assert r["async_copies"] >= 4, r  # K and V of both loops stream through cp.async (software pipelined)
         assert "STACK:0 " in r["usage"], r  # no register spills with the default launch config
-        assert r["shared"] <= 227 * 1024
+        assert r["shared"] <= r["estimate"] <= 232448, r
+
+
+def test_chosen_configs_fit_smaller_gpus():
+    """fp32 and bf16 at D 64/128, compiled for sm_86 (101,376 bytes of shared memory per block) and sm_80
+    (166,912): the chosen config's shared memory, read from the compiled kernel, fits, and smem_estimate bounds it.
+    (The old fixed 128/64/3-stage config needed 229,888 bytes in fp32 at D=128 and 131,072 at D=64.)"""
+    _bundled_ptxas()
+    res = _compile_offline("fp32", "bf16")
+    assert len(res) == 8
+    for what, r in res.items():
+        assert r["shared"] <= r["budget"], (what, r)
+        assert r["shared"] <= r["estimate"] <= r["budget"], (what, r)  # the estimate is an upper bound
+        assert r["async_copies"] >= 4, (what, r)  # still software pipelined
+    assert res["bf16 D=128 sm_86"]["cfg"]["block_n"] == 32 and "STACK:0 " in res["bf16 D=128 sm_86"]["usage"]
+
+
+def test_default_config_follows_the_device(monkeypatch):
+    """default_config on CUDA reads the device's opt-in shared memory per block (faked here: no GPU)."""
+    budget = {}
+    monkeypatch.setattr(K, "_smem_optin", lambda index: budget[index])
+    budget.update({0: 232448, 1: 166912, 2: 101376})  # H100/H200, A100, sm_86/89
+    h100 = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    for dev in (0, 1, 2):
+        for D in (64, 128):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                cfg = K.default_config(D, dtype, torch.device("cuda", dev))
+                est = K.smem_estimate(D, dtype.itemsize, cfg["block_m"], cfg["block_n"], cfg["num_stages"])
+                assert est <= budget[dev], (dev, D, dtype, cfg)
+                if dtype != torch.float32 and (D == 64 or dev < 2):
+                    assert cfg == h100  # kept wherever it fits
+    assert K.default_config(128, torch.bfloat16, torch.device("cuda", 2))["block_n"] == 32
+    assert K.smem_estimate(128, 4, 128, 64, 3) > 166912  # the old fp32 choice did not fit an A100
+    assert K.default_config(64, torch.float32, torch.device("cpu"))["num_stages"] == 1  # the interpreter
 
 
 @pytest.mark.gpu
