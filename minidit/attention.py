@@ -24,6 +24,7 @@ sdpa; override per call or globally with `set_backend` / env MINIDIT_ATTENTION.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -97,12 +98,9 @@ def subject_mask_arg(ref_mask: Tensor | None, q: Tensor, ref_k: Tensor | None) -
 def _auto_backend(q: Tensor, reference: bool = True) -> str:
     """The fused kernel for the masked, λ-scaled operation on CUDA; plain joint attention (no reference keys,
     no λ) stays on SDPA, whose flash/cuDNN kernels are the strongest known for that case."""
-    if reference and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128):
-        try:
-            import triton  # noqa: F401
-            return "triton"
-        except ImportError:
-            pass
+    if reference and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128) \
+            and importlib.util.find_spec("triton") is not None:
+        return "triton"
     return "sdpa"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -364,11 +365,10 @@ def diffusers_to_bfl_plan(depth: int, depth_single: int, guidance: bool) -> dict
     return plan
 
 
-def find_transformer(root) -> "Path | None":
+def find_transformer(root) -> Path | None:
     """The transformer inside a FLUX.1 repository root, in order of preference: `flux1-dev.safetensors` /
     `flux1-schnell.safetensors` (BFL), any other `flux1-*.safetensors` (e.g. an fp8 copy), the diffusers
     `transformer/` folder. None if there is none."""
-    from pathlib import Path
     root = Path(root)
     for name in ("flux1-dev.safetensors", "flux1-schnell.safetensors"):
         if (root / name).is_file():
@@ -381,8 +381,6 @@ def find_transformer(root) -> "Path | None":
 
 def _resolve_transformer(path) -> tuple[list, str]:
     """-> (safetensors files, layout "bfl" | "diffusers" | "auto") for a file, a repo root or a `transformer/` folder."""
-    from pathlib import Path
-
     from .loading import CheckpointError, find_safetensors
     path = Path(path)
     if not path.exists():
