@@ -24,6 +24,7 @@ sdpa; override per call or globally with `set_backend` / env MINIDIT_ATTENTION.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -99,9 +100,14 @@ def _auto_backend(q: Tensor, reference: bool = True) -> str:
     """The fused kernel for the masked, λ-scaled operation on CUDA; plain joint attention (no reference keys,
     no λ) stays on SDPA, whose flash/cuDNN kernels are the strongest known for that case."""
     if reference and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128) \
-            and importlib.util.find_spec("triton") is not None:
+            and _have_triton():
         return "triton"
     return "sdpa"
+
+
+@functools.cache
+def _have_triton() -> bool:  # looked up once, not on every attention call
+    return importlib.util.find_spec("triton") is not None
 
 
 def key_scales(B: int, R: int, Lk: int, n_txt: int, lambda_ref, lambda_txt, device) -> Tensor:

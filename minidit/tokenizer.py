@@ -51,6 +51,15 @@ def _finish(ids: list[int], max_length: int, end: int, what: str, index: int) ->
     return ids
 
 
+def _batch(encode, prompts: str | list[str], max_length: int, end: int, pad: int, what: str) -> Tensor:
+    """Encode every prompt, truncate (keeping the end token, with a warning) and pad to (B, max_length)."""
+    rows = []
+    for i, p in enumerate(_as_list(prompts)):
+        ids = _finish(encode(p), max_length, end, what, i)
+        rows.append(ids + [pad] * (max_length - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def _protobuf_field(buf: bytes, number: int) -> bytes | None:
     """The first length-delimited field `number` of a serialized protobuf message (enough to read one
     field of spiece.model without a protobuf dependency)."""
@@ -196,11 +205,7 @@ class T5Tokenizer:
 
     def __call__(self, prompts: str | list[str]) -> Tensor:
         """(B, max_length) int64: ids + `</s>`, truncated (with a warning) or padded with 0."""
-        rows = []
-        for i, p in enumerate(_as_list(prompts)):
-            ids = _finish(self.encode(p), self.max_length, self.eos_id, "T5 tokenizer", i)
-            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
-        return torch.tensor(rows, dtype=torch.long)
+        return _batch(self.encode, prompts, self.max_length, self.eos_id, self.pad_id, "T5 tokenizer")
 
 
 class CLIPTokenizer:
@@ -247,8 +252,4 @@ class CLIPTokenizer:
 
     def __call__(self, prompts: str | list[str]) -> Tensor:
         """(B, max_length) int64: BOS ids EOS, truncated (with a warning) or padded with EOS (49407)."""
-        rows = []
-        for i, p in enumerate(_as_list(prompts)):
-            ids = _finish(self.encode(p), self.max_length, self.eos_id, "CLIP tokenizer", i)
-            rows.append(ids + [self.eos_id] * (self.max_length - len(ids)))
-        return torch.tensor(rows, dtype=torch.long)
+        return _batch(self.encode, prompts, self.max_length, self.eos_id, self.eos_id, "CLIP tokenizer")
