@@ -1,6 +1,7 @@
 """Peak host memory of loading a transformer checkpoint (streamed from the memory-mapped file).
 
     python bench/load_memory.py [--hidden 1536] [--depth 8] [--single 16] [--dtype bf16] [--record]
+    python bench/load_memory.py --mmap [--record]   # copy-on-load (default) vs MINIDIT_MMAP=1, side by side
 
 Writes a random BFL-layout checkpoint of the given size, then loads it in a fresh process and reports the
 process's peak resident memory (VmHWM) and its anonymous part, next to the file size. Loading must not need
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, sys, torch
+import json, sys, time, torch
 from minidit.transformer import load_transformer
 def status():
     d = {}
@@ -28,14 +29,16 @@ def status():
             d[k] = int(v.split()[0]) * 1024
     return d
 before = status()
+t0 = time.perf_counter()
 m = load_transformer(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 after = status()
+load_s = time.perf_counter() - t0
 with torch.no_grad():
     for p in m.parameters():
         p.float().sum()  # touch every weight page once
 touched = status()
 n = sum(p.numel() * p.element_size() for p in m.parameters())
-print(json.dumps({"before": before, "after": after, "touched": touched, "model_bytes": n}))
+print(json.dumps({"before": before, "after": after, "touched": touched, "model_bytes": n, "load_s": load_s}))
 """
 
 
@@ -47,6 +50,8 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="stored dtype")
     ap.add_argument("--compute", default=None, choices=["bfloat16", "float32", "float16"], help="load into (default: stored)")
+    ap.add_argument("--mmap", action="store_true", help="compare the default copy-on-load with MINIDIT_MMAP=1 "
+                    "(weights kept as views of the mapped file), same checkpoint, one run")
     ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
     a = ap.parse_args()
 
@@ -62,6 +67,8 @@ def main() -> None:
         write_tiny_flux(path, cfg, dtype=getattr(torch, a.dtype))
         size = path.stat().st_size
         env = dict(os.environ, OMP_NUM_THREADS="1")
+        if a.mmap:
+            return compare_mmap(a, path, size, env)
         r = json.loads(subprocess.run([sys.executable, "-c", CHILD, str(path), a.compute or a.dtype], capture_output=True,
                                       text=True, check=True, env=env).stdout)
     gib = lambda b: b / 2**30  # noqa: E731
@@ -88,6 +95,34 @@ def main() -> None:
                f"### Transformer loading, host memory (stored {a.dtype} -> {a.compute or a.dtype}, "
                f"{size / 2**30:.2f} GiB file)\n\n| quantity | GiB |\n|---|---|\n{table}\n"
                f"| peak RSS / loaded model size | {ratio:.2f}x |")
+
+
+def compare_mmap(a, path: Path, size: int, env: dict) -> None:
+    """The memory price of owning the weights (safe if the file changes later) vs keeping the mapping."""
+    runs = {}
+    for name, keep in (("mapped (MINIDIT_MMAP=1)", "1"), ("copied (default)", "0")):
+        runs[name] = json.loads(subprocess.run([sys.executable, "-c", CHILD, str(path), a.compute or a.dtype],
+                                               capture_output=True, text=True, check=True,
+                                               env=dict(env, MINIDIT_MMAP=keep)).stdout)
+    gib = lambda b: b / 2**30  # noqa: E731
+    q = {
+        "load time (s)": lambda r: r["load_s"],
+        "peak RSS after touching every weight, above start (GiB)": lambda r: gib(r["touched"]["VmHWM"] - r["before"]["VmHWM"]),
+        "anonymous RSS (private copies, GiB)": lambda r: gib(r["touched"]["RssAnon"] - r["before"]["RssAnon"]),
+        "file-backed RSS (page cache, GiB)": lambda r: gib(r["touched"]["RssFile"] - r["before"]["RssFile"]),
+    }
+    (base_name, base), (our_name, ours) = runs.items()
+    head = f"| quantity | {base_name} | {our_name} | ratio |\n|---|---|---|---|"
+    rows = "\n".join(f"| {k} | {f(base):.2f} | {f(ours):.2f} | {f(ours) / max(f(base), 1e-9):.2f}x |" for k, f in q.items())
+    title = (f"### Copy on load vs keeping the mapping (CPU, stored {a.dtype} -> {a.compute or a.dtype}, "
+             f"{size / 2**30:.2f} GiB file)")
+    print(title + "\n\n" + head + "\n" + rows)
+    if a.record:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import record
+        record("Loading memory (bench/load_memory.py)", title + "\n\n" + head + "\n" + rows + "\n\nCopied weights "
+               "are private memory the kernel cannot drop; mapped ones are page cache, but change (or SIGBUS) if the "
+               "file is rewritten or truncated after loading, so the copy is the default.")
 
 
 if __name__ == "__main__":

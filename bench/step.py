@@ -35,6 +35,61 @@ def timeit(fn, iters: int, warmup: int, cuda: bool) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+def random_models(cfg, device, dtype, tiny: bool = False):
+    """minidit's Flux with random weights (N(0, 0.02), norm scales 1) and diffusers' FluxTransformer2DModel holding
+    the same weights (through diffusers' own BFL->diffusers converter; at tiny widths, which that converter does
+    not handle, through minidit's inverse map). -> (ours, theirs), eval mode."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from minidit.transformer import Flux
+    with torch.device("meta"):
+        ours = Flux(cfg)
+    ours = ours.to_empty(device=device).to(dtype).eval()
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith(".scale"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02 if p.ndim > 1 else 0.01, generator=g)
+    sd = dict(ours.state_dict())
+    if tiny:
+        from minidit.weights.tiny_flux import bfl_to_diffusers
+        dsd = bfl_to_diffusers(sd, cfg)
+    else:
+        dsd = convert_flux_transformer_checkpoint_to_diffusers(dict(sd))
+    with torch.device("meta"):
+        theirs = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=cfg.depth,
+                                        num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.head_dim,
+                                        num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+                                        pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=True,
+                                        axes_dims_rope=cfg.axes_dim)
+    theirs.load_state_dict(dsd, assign=True, strict=True)
+    return ours, theirs.to(device, dtype).eval()
+
+
+def model_calls(ours, theirs, cfg, size: int, n_txt: int, device, dtype, g):
+    """Random inputs for a size x size image and n_txt text tokens -> (call ours, call theirs, image tokens N).
+    Either model may be None (its call is then None)."""
+    from minidit import sampling
+    B = 1
+    h, w = sampling.latent_size(size, size)
+    N = (h // 2) * (w // 2)
+    img = torch.randn(B, N, 64, device=device, dtype=dtype, generator=g)
+    txt = torch.randn(B, n_txt, cfg.context_in_dim, device=device, dtype=dtype, generator=g)
+    y = torch.randn(B, cfg.vec_in_dim, device=device, dtype=dtype, generator=g)
+    t = torch.full((B,), 0.7, device=device, dtype=dtype)
+    gd = torch.full((B,), 3.5, device=device, dtype=dtype)
+    img_ids = sampling.image_ids(B, size, size, device)
+    txt_ids = sampling.text_ids(B, n_txt, device)
+    run_ours = None if ours is None else lambda: ours(img, img_ids, txt, txt_ids, t, y, gd)  # noqa: E731
+    run_theirs = None if theirs is None else lambda: theirs(  # noqa: E731
+        hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids[0],
+        txt_ids=txt_ids[0], guidance=gd, return_dict=False)[0]
+    return run_ours, run_theirs, N
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=1024)
@@ -46,12 +101,8 @@ def main() -> None:
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
 
-    from diffusers import FluxTransformer2DModel
-    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
-
     from minidit import attention as attn
-    from minidit import sampling
-    from minidit.transformer import Flux, FluxConfig
+    from minidit.transformer import FluxConfig
 
     if a.backend:
         attn.set_backend(a.backend)
@@ -65,46 +116,9 @@ def main() -> None:
         cfg = FluxConfig(hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(16, 56, 56),
                          context_in_dim=64, vec_in_dim=32)
 
-    with torch.device("meta"):
-        ours = Flux(cfg)
-    ours = ours.to_empty(device=device).to(dtype).eval()
-    g = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if name.endswith(".scale"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02 if p.ndim > 1 else 0.01, generator=g)
-
-    sd = {k: v for k, v in ours.state_dict().items()}
-    if a.smoke:  # diffusers' converter hard-codes the 3072 width; at smoke size use minidit's own inverse map
-        from minidit.weights.tiny_flux import bfl_to_diffusers
-        dsd = bfl_to_diffusers(sd, cfg)
-    else:
-        dsd = convert_flux_transformer_checkpoint_to_diffusers(dict(sd))
-    with torch.device("meta"):
-        theirs = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=cfg.depth,
-                                        num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.head_dim,
-                                        num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
-                                        pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=True,
-                                        axes_dims_rope=cfg.axes_dim)
-    theirs.load_state_dict(dsd, assign=True, strict=True)
-    theirs = theirs.to(device, dtype).eval()
-
-    B = 1
-    h, w = sampling.latent_size(a.size, a.size)
-    N = (h // 2) * (w // 2)
-    img = torch.randn(B, N, 64, device=device, dtype=dtype, generator=g)
-    txt = torch.randn(B, a.txt, cfg.context_in_dim, device=device, dtype=dtype, generator=g)
-    y = torch.randn(B, cfg.vec_in_dim, device=device, dtype=dtype, generator=g)
-    t = torch.full((B,), 0.7, device=device, dtype=dtype)
-    gd = torch.full((B,), 3.5, device=device, dtype=dtype)
-    img_ids = sampling.image_ids(B, a.size, a.size, device)
-    txt_ids = sampling.text_ids(B, a.txt, device)
-
-    run_ours = lambda: ours(img, img_ids, txt, txt_ids, t, y, gd)  # noqa: E731
-    run_theirs = lambda: theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y,  # noqa: E731
-                                timestep=t, img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=gd, return_dict=False)[0]
+    ours, theirs = random_models(cfg, device, dtype, tiny=a.smoke)
+    g = torch.Generator(device).manual_seed(1)
+    run_ours, run_theirs, N = model_calls(ours, theirs, cfg, a.size, a.txt, device, dtype, g)
     if a.compile:
         run_ours, run_theirs = torch.compile(run_ours), torch.compile(run_theirs)
     with torch.no_grad():
@@ -113,7 +127,7 @@ def main() -> None:
         t_theirs = timeit(run_theirs, a.iters, 3 if cuda else 1, cuda)
 
     dev_name = torch.cuda.get_device_name() if cuda else "CPU (smoke run, tiny config, not a measurement)"
-    backend = a.backend or ("auto: " + attn._auto_backend(img.new_empty(1, 1, 1, cfg.head_dim), reference=False))
+    backend = a.backend or ("auto: " + attn._auto_backend(torch.empty(1, 1, 1, cfg.head_dim, device=device, dtype=dtype), reference=False))
     print(f"device: {dev_name}   torch {torch.__version__}   dtype {dtype}   attention backend {backend}"
           f"{'   compiled' if a.compile else ''}")
     print(f"shape: {a.size}x{a.size} -> {N} image + {a.txt} text tokens, {cfg.depth}+{cfg.depth_single_blocks} blocks, "

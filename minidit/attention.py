@@ -16,6 +16,12 @@ tokens N (the rest of `k`). The logit of key j is `s_j · (q·k_j) / √D` with 
       λ_r = 1.1 (Handler.register's `scale`, used by the save pass), λ_p = `--extend_scale` = 1.1 (infer.py).
   mask_mode="zero": the literal formula K_r ⊙ m, V_r ⊙ m — a masked-out key keeps logit 0 and adds a zero value.
 
+Edge cases, the same in every backend: NaN/Inf stored in masked-out reference keys/values never reaches the output
+(they are zeroed before use, as the kernel's predicated loads do); the joint keys k/v must not be empty, so every
+query row keeps at least its joint keys and no row is ever fully masked (a reference whose mask is all False is
+exactly attention without it in "exclude" mode); `n_txt` outside [0, Lk] and ref_k without ref_v (or the reverse)
+are ValueErrors; λ is folded so that it cannot overflow fp16 (SDPA gets max|s|/√D as its scale, the keys s/max|s|).
+
 Backends: "reference" (plain PyTorch, fp32 math, readable: the definition), "sdpa" (PyTorch SDPA, λ folded
 into K), "triton" (the fused kernel `minidit.kernels.ref_attention`: CUDA, or CPU tensors when TRITON_INTERPRET=1
 was set before minidit.kernels is first imported). Default: triton on CUDA for fp16/bf16 and head dim 64/128
@@ -118,9 +124,34 @@ def key_scales(B: int, R: int, Lk: int, n_txt: int, lambda_ref, lambda_txt, devi
     return s
 
 
+def check_args(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor | None, ref_v: Tensor | None, n_txt) -> None:
+    """The named errors every backend shares (the triton kernel checks the same, plus its own limits)."""
+    if (ref_k is None) != (ref_v is None):
+        raise ValueError("pass both ref_k and ref_v, or neither")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if ref_k is not None and ref_k.shape != ref_v.shape:
+        raise ValueError(f"ref_k {tuple(ref_k.shape)} and ref_v {tuple(ref_v.shape)} must have the same shape")
+    Lk = k.shape[2]
+    if Lk == 0:
+        raise ValueError("k/v hold no tokens: the joint keys must not be empty")
+    if isinstance(n_txt, bool) or not isinstance(n_txt, int) or not 0 <= n_txt <= Lk:
+        raise ValueError(f"n_txt must be an int in [0, Lk={Lk}], got {n_txt!r}")
+
+
+def _masked_ref(ref_k, ref_v, ref_mask):
+    """Masked-out reference keys/values replaced by zeros (NaN/Inf stored there must not leak: NaN·0 is NaN)."""
+    if ref_k is None or ref_mask is None:
+        return ref_k, ref_v
+    m = ref_mask.to(device=ref_k.device, dtype=torch.bool)[:, None, :, None]  # (B, 1, R, 1)
+    return torch.where(m, ref_k, 0), torch.where(m, ref_v, 0)
+
+
 def attention_reference(q, k, v, ref_k=None, ref_v=None, ref_mask=None, lambda_ref=1.0, lambda_txt=1.0,
                         n_txt=0, mask_mode="exclude") -> Tensor:
     """Readable definition of the operation, fp32 math. Returns (B, H, Lq, D) in q's dtype."""
+    check_args(q, k, v, ref_k, ref_v, n_txt)
+    ref_k, ref_v = _masked_ref(ref_k, ref_v, ref_mask)
     B, H, Lq, D = q.shape
     R = 0 if ref_k is None else ref_k.shape[2]
     keys = k if R == 0 else torch.cat([ref_k, k], dim=2)        # (B, H, R+Lk, D)
@@ -141,16 +172,20 @@ def attention_reference(q, k, v, ref_k=None, ref_v=None, ref_mask=None, lambda_r
 def attention_sdpa(q, k, v, ref_k=None, ref_v=None, ref_mask=None, lambda_ref=1.0, lambda_txt=1.0,
                    n_txt=0, mask_mode="exclude") -> Tensor:
     """The same operation through F.scaled_dot_product_attention: λ folded into the keys (s·(q·k) = q·(s·k)),
-    the mask as a boolean attn_mask ("exclude") or folded into K_r and V_r ("zero")."""
+    the mask as a boolean attn_mask ("exclude") or folded into K_r and V_r ("zero"). λ is split so that nothing
+    overflows in fp16: the keys are scaled by s / max|s| (at most 1) and SDPA's own scale is max|s| / √D."""
+    check_args(q, k, v, ref_k, ref_v, n_txt)
     R = 0 if ref_k is None else ref_k.shape[2]
     plain = R == 0 and _is_one(lambda_txt)
     if plain:
         return F.scaled_dot_product_attention(q, k, v)
+    ref_k, ref_v = _masked_ref(ref_k, ref_v, ref_mask)
     B = q.shape[0]
     keys = k if R == 0 else torch.cat([ref_k, k], dim=2)
     vals = v if R == 0 else torch.cat([ref_v, v], dim=2)
     s = key_scales(B, R, k.shape[2], n_txt, lambda_ref, lambda_txt, q.device)
-    keys = keys * s[:, None, :, None].to(keys.dtype)
+    smax = max([1.0] + ([_absmax(lambda_ref)] if R else []) + ([_absmax(lambda_txt)] if n_txt else []))
+    keys = keys * (s / smax)[:, None, :, None].to(keys.dtype)
     attn_mask = None
     if R and ref_mask is not None:
         m = ref_mask.to(device=q.device, dtype=torch.bool)
@@ -159,7 +194,11 @@ def attention_sdpa(q, k, v, ref_k=None, ref_v=None, ref_mask=None, lambda_ref=1.
         else:
             mr = torch.cat([m, m.new_ones(B, k.shape[2])], dim=1)[:, None, :, None].to(keys.dtype)
             keys, vals = keys * mr, vals * mr
-    return F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=smax / math.sqrt(q.shape[-1]))
+
+
+def _absmax(x) -> float:
+    return abs(float(x)) if not isinstance(x, Tensor) else float(x.detach().abs().max())
 
 
 def _is_one(x) -> bool:

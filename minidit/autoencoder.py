@@ -40,7 +40,6 @@ With a non-fused ("math") attention fallback, untiled or tiled, the mid block at
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -52,7 +51,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .loading import CheckpointError, Converted, LazyStateDict, load_streaming, open_checkpoint
+from .loading import (CheckpointError, Converted, LazyStateDict, check_config, default_device_dtype, load_streaming,
+                      open_checkpoint, read_json)
 
 
 @dataclass
@@ -453,12 +453,19 @@ def _open(path: Path) -> tuple:
             raise CheckpointError(f"{path}: no ae.safetensors, vae/ folder or diffusers config.json in it")
     if not path.exists():
         raise CheckpointError(f"autoencoder checkpoint not found: {path}")
-    if not path.is_dir():
-        return open_checkpoint(path), flux.scale_factor, flux.shift_factor, f"autoencoder checkpoint {path}"
+    if not path.is_dir():  # BFL file: FLUX's factors, unless the file's metadata states its own (minidit's tiny)
+        sd = open_checkpoint(path)
+        meta = sd.metadata() if hasattr(sd, "metadata") else {}
+        try:
+            scale = float(meta.get("scale_factor", flux.scale_factor))
+            shift = float(meta.get("shift_factor", flux.shift_factor))
+        except ValueError:
+            raise CheckpointError(f"{path}: scale_factor/shift_factor metadata is not a number") from None
+        return sd, scale, shift, f"autoencoder checkpoint {path}"
     config = path / "config.json"
     if not config.exists():
         raise CheckpointError(f"{path}: diffusers vae folder without config.json")
-    cfg = json.loads(config.read_text())
+    cfg = read_json(config, "autoencoder config")
     if cfg.get("use_quant_conv", True) or cfg.get("use_post_quant_conv", True):
         raise CheckpointError(f"{config}: use_quant_conv/use_post_quant_conv are not false; FLUX's autoencoder has "
                               "no quant convs (is this a Stable Diffusion VAE?)")
@@ -469,12 +476,15 @@ def _open(path: Path) -> tuple:
     return _diffusers_view(sd), scale, shift, f"diffusers autoencoder {path}"
 
 
-def load_autoencoder(path: str | Path, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32) -> AutoEncoder:
+def load_autoencoder(path: str | Path, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> AutoEncoder:
     """Load `ae.safetensors`, a diffusers `vae/` folder (keys converted on the fly), or a FLUX repository root
-    holding either. The architecture is read from the tensor shapes, so tiny test files load the same way."""
+    holding either. The architecture is read from the tensor shapes, so tiny test files load the same way.
+    Defaults: CUDA if available, bf16 there, fp32 on the CPU (minidit.loading.default_device_dtype)."""
+    device, dtype = default_device_dtype(device, dtype)
     sd, scale, shift, what = _open(Path(path))
     cfg = AutoEncoderConfig.from_checkpoint(sd, scale_factor=scale, shift_factor=shift)
+    check_config(cfg, what)  # a NaN scaling_factor/shift_factor is an error here, not a black image later
     with torch.device("meta"):
         ae = AutoEncoder(cfg)
     load_streaming(ae, sd, device, dtype, what=what)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -39,56 +42,156 @@ def common_args(p: argparse.ArgumentParser, size: bool = True) -> None:
     p.add_argument("--offload", action="store_true", help="keep one component at a time on the GPU (<= 24 GB for dev)")
 
 
+def cfg_args(p: argparse.ArgumentParser) -> None:
+    """True classifier-free guidance with a negative prompt (diffusers' negative_prompt / true_cfg_scale)."""
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (may be empty); needs "
+                   "--true-cfg > 1 (default: none)")
+    p.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale: two forwards per step, "
+                   "v = v_neg + scale·(v - v_neg); 1 = off (default 1.0)")
+
+
+def check_cfg(args) -> dict:
+    """Validate --negative-prompt/--true-cfg before the model loads; -> their metadata."""
+    if args.true_cfg < 1:
+        raise SystemExit(f"error: --true-cfg must be >= 1 (1 = off), got {args.true_cfg}")
+    if args.true_cfg > 1 and args.negative_prompt is None:
+        raise SystemExit("error: --true-cfg > 1 needs --negative-prompt (it may be empty: --negative-prompt '')")
+    if args.true_cfg == 1 and args.negative_prompt is not None:
+        raise SystemExit("error: --negative-prompt has no effect unless --true-cfg > 1 (e.g. --true-cfg 4)")
+    return {"negative_prompt": args.negative_prompt or "", "true_cfg": args.true_cfg}
+
+
 def default_size(args, pipe) -> tuple[int, int]:
     d = 256 if args.weights is None else 1024
     return args.height or d, args.width or d
 
 
 def load_pipeline(args):
-    out = Path(args.output)  # checked before any work: a bad name would otherwise fail after generating
-    if out.suffix.lower() not in ("", ".png"):
-        raise SystemExit(f"error: --output must be a .png file (the parameters are stored as PNG text), got {out}")
-    args.output = str(out if out.suffix else out.with_suffix(".png"))
+    check_inputs(args)  # every option, input file and the output path, before any model loads
     from .pipeline import Pipeline
     return Pipeline.load(args.weights, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
                          offload=args.offload)
 
 
+def check_inputs(args) -> None:
+    """Options, input images/masks and the output path checked before any model loads: one named error each."""
+    from . import validate
+    from .image import output_paths
+    from .masks import Reference, load_reference
+    for dest in ("prompt", "ref_prompt", "scene_prompt", "image_prompt", "negative_prompt", "caption"):
+        for text in (lambda v: v if isinstance(v, list) else [v])(getattr(args, dest, None)):
+            if text is not None and not _utf8(text):
+                raise ValueError(f"--{dest.replace('_', '-')} is not valid UTF-8 text")
+    n = validate.integer("--num-images", getattr(args, "num_images", 1), 1, validate.MAX_IMAGES)
+    for dest in ("height", "width"):
+        v = getattr(args, dest, None)
+        if v is not None and (validate.integer(f"--{dest}", v, 16, validate.MAX_SIDE) % 16):
+            raise ValueError(f"--{dest} {v}: FLUX needs sizes that are multiples of 16")
+    if getattr(args, "height", None) and getattr(args, "width", None):
+        validate.image_size(args.height, args.width, n, what="--")
+    if args.steps is not None:
+        validate.integer("--steps", args.steps, 1, validate.MAX_STEPS)
+    validate.number("--guidance", args.guidance, 0.0, validate.MAX_GUIDANCE)
+    validate.integer("--seed", args.seed, 0, validate.SEED_END - 1)
+    ranges = {"lambda_ref": (0, validate.MAX_LAMBDA, True), "lambda_prompt": (0, validate.MAX_LAMBDA, True),
+              "tau": (0, 1, False), "strength": (0, 1, True), "true_cfg": (1, validate.MAX_GUIDANCE, False)}
+    for dest, (lo, hi, lo_open) in ranges.items():
+        if isinstance(getattr(args, dest, None), (int, float)):  # None / a preset's sentinel: not given
+            validate.number(f"--{dest.replace('_', '-')}", getattr(args, dest), lo, hi, lo_open)
+    if args.device is not None:
+        validate.device(args.device)
+    pairs = []  # (image, mask) read now, so a bad file costs nothing
+    if getattr(args, "ref", None) is not None:
+        refs = args.ref if isinstance(args.ref, list) else [args.ref]
+        masks = args.mask if isinstance(args.mask, list) else [args.mask] * len(refs)
+        pairs += [(r, m, "--ref") for r, m in zip(refs, masks if len(masks) == len(refs) else [None] * len(refs))]
+    if getattr(args, "scene", None):
+        pairs.append((args.scene, args.scene_mask, "--scene"))
+    if getattr(args, "image", None):
+        pairs.append((args.image, getattr(args, "mask", None) if getattr(args, "ref", None) is None else None, "--image"))
+    for image, mask, flag in pairs:
+        load_reference(Reference(image, _mask_arg(mask)), what=f"{flag} {image}")
+    args.outputs = output_paths(args.output, n)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # undecodable bytes from the command line arrive as lone surrogates
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def save_images(images, args, pipe, command: str, extra: dict | None = None) -> list[Path]:
-    """Save PNGs with their generation parameters as text chunks, like other image tools do."""
+    """Save PNGs with their generation parameters as text chunks, like other image tools do. Each file is
+    written atomically; if one fails, the error says which were written."""
     from PIL.PngImagePlugin import PngInfo
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))]
-    from .pipeline import DEFAULT_STEPS
-    steps = DEFAULT_STEPS[pipe.variant] if args.steps is None else args.steps
+
+    from .image import output_paths, save_numbered, save_png
+    plan = getattr(args, "outputs", None) or output_paths(args.output, len(images))
+    steps = pipe.default_steps if args.steps is None else args.steps
     meta = {"prompt": args.prompt, "seed": args.seed, "steps": steps,
             "guidance": args.guidance if pipe.variant == "dev" else "none (schnell)",
             "size": f"{images[0].width}x{images[0].height}", "model": pipe.name, "variant": pipe.variant,
             "command": command, "minidit_version": __version__, **(extra or {})}
+    written: list[Path] = []
+    paths = [plan] * len(images) if isinstance(plan, Path) else plan
     for i, (img, path) in enumerate(zip(images, paths)):
         info = PngInfo()
         for k, v in {**meta, "image_index": i}.items():
             info.add_text(k, str(v))
         info.add_text("parameters", json.dumps({**meta, "image_index": i}))
-        img.save(path, pnginfo=info)
+        try:
+            if isinstance(plan, Path):
+                path = save_numbered(img, plan, command, info)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_png(img, path, info)
+        except OSError as e:
+            done = ", ".join(map(str, written)) or "none"
+            raise OSError(f"cannot write image {i + 1} of {len(images)} to {path} ({e.strerror or e}); "
+                          f"written before: {done}") from None
+        written.append(path)
         print(f"wrote {path}", file=sys.stderr)
-    return paths
+    return written
 
 
 def cmd_generate(args) -> None:
     if args.num_images < 1:
         raise SystemExit("error: --num-images must be >= 1")
+    cfg = check_cfg(args)
     pipe = load_pipeline(args)
     height, width = default_size(args, pipe)
     images = pipe.generate(args.prompt, height=height, width=width, steps=args.steps, guidance=args.guidance,
-                           seed=args.seed, num_images=args.num_images, progress=True)
-    save_images(images, args, pipe, "generate")
+                           seed=args.seed, num_images=args.num_images, progress=True,
+                           negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg)
+    save_images(images, args, pipe, "generate", cfg)
+
+
+def cmd_img2img(args) -> None:
+    if args.num_images < 1:
+        raise SystemExit("error: --num-images must be >= 1")
+    if not 0 < args.strength <= 1:
+        raise SystemExit(f"error: --strength must be in (0, 1], got {args.strength}")
+    for flag, v in (("--height", args.height), ("--width", args.width)):
+        if v is not None and (v <= 0 or v % 16):
+            raise SystemExit(f"error: {flag} must be a positive multiple of 16, got {v}")
+    if not Path(args.image).is_file():
+        raise SystemExit(f"error: --image not found: {args.image}")
+    cfg = check_cfg(args)
+    pipe = load_pipeline(args)
+    images = pipe.img2img(args.image, args.prompt, strength=args.strength, height=args.height, width=args.width,
+                          steps=args.steps, guidance=args.guidance, seed=args.seed, num_images=args.num_images,
+                          negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg, progress=True)
+    save_images(images, args, pipe, "img2img", {"image": args.image, "strength": args.strength, **cfg})
 
 
 def cmd_info(args) -> None:
-    from .info import describe
-    print(describe(args.path))
+    from .info import inspect
+    report, ok = inspect(args.path)
+    print(report)
+    if not ok:
+        raise SystemExit(1)
 
 
 def cmd_freecus(args) -> None:
@@ -102,6 +205,8 @@ def cmd_freecus(args) -> None:
             vital = [int(i) for i in args.vital_layers.split(",") if i.strip()]
         except ValueError:
             raise SystemExit(f"error: --vital-layers must be comma-separated integers, got {args.vital_layers!r}") from None
+        if not vital:  # an empty list would silently be plain generation
+            raise SystemExit("error: --vital-layers is empty: FreeCus needs at least one layer (omit it for the default)")
     pipe = load_pipeline(args)
     ref = Reference(args.ref, _mask_arg(args.mask), args.ref_prompt)
     images = freecus(pipe, args.prompt, ref, caption=args.caption, lambda_ref=args.lambda_ref,
@@ -271,14 +376,34 @@ def add_personalize_parsers(sub) -> None:
         p.add_argument("--num-images", type=int, default=1)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit code 1 like every other user error."""
+
+    def error(self, message):
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minidit", description="A minimal FLUX.1 with training-free personalization")
+    parser = Parser(prog="minidit", description="A minimal FLUX.1 with training-free personalization")
     parser.add_argument("--version", action="version", version=f"minidit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (any position)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="text to image")
     common_args(p)
+    cfg_args(p)
     p.add_argument("--num-images", type=int, default=1)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("img2img", help="image to image (diffusers' FluxImg2ImgPipeline)")
+    common_args(p, size=False)
+    p.add_argument("--image", required=True, help="input image")
+    p.add_argument("--strength", type=float, default=0.6, help="how much to change: 1 = from pure noise, "
+                   "small = close to the input; the last strength·steps steps run (default 0.6)")
+    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (default: the image's, "
+                   "rounded down to multiples of 16; the image is resized)")
+    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default: the image's)")
+    cfg_args(p)
+    p.add_argument("--num-images", type=int, default=1)
+    p.set_defaults(func=cmd_img2img)
     p = sub.add_parser("info", help="what a weights folder contains")
     p.add_argument("path")
     p.set_defaults(func=cmd_info)
@@ -287,12 +412,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A user mistake is one line naming the option/file, exit code 1; --debug shows the traceback instead.
+USER_ERRORS = (ValueError, TypeError, OSError, MemoryError, torch.OutOfMemoryError)  # CheckpointError, PIL, JSON...
+NEGATIVE = re.compile(r"-\d[-\d.,x]*")  # -16,0  -16,-32  -1.5: a value, not an option
+
+
+def _negative_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--offset -16,0` -> `--offset=-16,0`: argparse would take "-16,0" for an option."""
+    takes_value, stack = set(), [parser]
+    while stack:
+        for a in stack.pop()._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                stack += list(a.choices.values())
+            elif a.nargs != 0:
+                takes_value.update(a.option_strings)
+    out: list[str] = []
+    for a in argv:
+        if "--" not in out and out and out[-1] in takes_value and NEGATIVE.fullmatch(a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary files are removed, no output is half-written
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    args = parser.parse_args(_negative_values([a for a in argv if a != "--debug"], parser))
+    old = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError: named problems, no traceback
-        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        raise SystemExit("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip())) from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -32,23 +32,41 @@ flux_utils.py, qwen_for_subject.py, seg_birefnet.py):
   to the same relative place within its own block type (exact for FLUX.1; tiny 2+2 model: all four layers).
 - λ: the "save" pass stores `scale · K_ref` with `Handler.register`'s default scale 1.1 (λ_r = 1.1) and the
   "use" pass multiplies the 512 text keys by `--extend_scale` (default 1.1, λ_p = 1.1), on vital layers only.
+  A quirk of their code: infer.py registers the save pass without `scale=`, so λ_r is 1.1 whatever
+  `--extend_scale` is; only λ_p follows it. Here both are separate settings (`lambda_ref`, `lambda_prompt`),
+  1.1 in both presets, so changing `lambda_prompt` alone is exactly their `--extend_scale`.
 - 30 steps, guidance 3.5, 512x512, seed 777, max_sequence_length 512 (FLUX.1-dev).
 - ANS: the reference latents are `scheduler.scale_noise(x_ref, t, ε)` over the schedule built from
   sigmas = linspace(1, 1/n, n) with mu = -calculate_shift(seq_len) ("negative", the default `--mu_shift_type`):
-  σ'_i = e^{-μ} / (e^{-μ} + (1/s_i - 1)), s_i = 1 - i/n. One discrepancy: in the released
+  σ'_i = e^{-μ} / (e^{-μ} + (1/s_i - 1)), s_i = 1 - i/n. The other `--mu_shift_type`s (flux_utils.py):
+  "half_negative" (-μ/2), "twice_negative" (-2μ), "normal" (+μ: the ordinary dynamic shift, no reversal) and
+  "linear" (no shift: σ'_i = floor(1000·s_i)/1000, looked up in a 1000-step linear table); minidit adds
+  "target" (the target's own σ, whatever its schedule: the old `ans=False`). One discrepancy: in the released
   `flux_utils.pil_to_latents_flux`, `height`/`width` are overwritten with the *latent* size before
-  `image_seq_len` is computed from them, so it is 16 at 512² (not 1024) and μ = calculate_shift(16) ≈ 0.459 at
-  any resolution. minidit follows the paper and the issue (μ of the real image token count, 0.63 at 512²);
-  `ans_mu=0.459` reproduces the released code's numbers. The reference is still *run at the target's
+  `image_seq_len` is computed from them, so it is (2·(H//16)//16)·(2·(W//16)//16) = 16 at 512² (not 1024):
+  μ = calculate_shift(16) ≈ 0.4594 at 512², 0.4568 at 128² (1 token), 0.4675 at 1024² (64) — nearly constant,
+  but not exactly (`released_ans_seq_len`). minidit's "paper" preset uses μ of the real image token count
+  (`mu_from="tokens"`, 0.63 at 512²), "official" the released one (`mu_from="latent"`); `ans_mu` overrides
+  μ directly. The reference is still *run at the target's
   timestep t_i*: the noised latents are swapped into a normal pipeline call (callback_on_step_end), whose time
   embedding follows the normal schedule. `ref_time="sigma"` tells the model σ'_i instead.
   ε: `randn` from `Generator("cpu").manual_seed(seed)` with the same seed as the target, i.e. the target's own
   initial noise; here ε = `sampling.noise(1, H, W, seed)` (same seed default).
 - The reference prompt is the target's full prompt (prompt + caption): both passes get the same `prompt`.
 - Subject tokens: a BiRefNet mask at the target size, bilinearly downsampled to (H/16, W/16), tokens with value
-  > 0 kept. minidit takes any mask the user brings and uses `masks.token_mask` (a token is subject when >= 50%
-  of its 16x16 patch is): the same tokens inside the subject, slightly fewer on its border.
-- The reference image is resized to the target size; the VAE latent is sampled (we use its mean).
+  > 0 kept (`mask_rule="bilinear"`, "official"). minidit takes any mask the user brings; "paper" uses
+  `masks.token_mask` (`mask_rule="area"`: a token is subject when >= 50% of its 16x16 patch is): the same
+  tokens inside the subject, slightly fewer on its border.
+- The reference image is resized to the target size; the VAE latent is sampled from torch's global CUDA
+  generator (`retrieve_latents(..., generator=None)`). "official" samples it too (`vae_sample=True`, from a
+  seeded CPU generator `vae_seed`, default the run's seed), "paper" takes the posterior mean.
+
+Presets (`preset="paper"` default | `"official"`, `FreeCusSettings.paper()` / `.official()`, the README's
+table): they differ in `mu_from`, `mask_rule` and `vae_sample`; every field can be overridden by its own
+keyword. What "official" still cannot reproduce: the VAE sample of their code comes from the global CUDA
+generator (not seedable from their arguments; pass `vae_sample=False` and compare on the posterior mean, or
+give the same sample); they compute in bf16 (the noised reference, `scale_noise`'s σ cast to bf16); the subject
+mask comes from BiRefNet and the caption from two Qwen calls, which minidit leaves to the user.
 - Subject caption: appended as `prompt + ". " + caption` (`with_caption`). The authors make it with two LLM
   calls that anyone can reproduce with any captioner: a vision LLM (Qwen2-VL-7B-Instruct) is asked
   `DESCRIBE_TEMPLATE` about the reference image, then a text LLM (Qwen2.5-7B-Instruct) distils it with
@@ -63,12 +81,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import sampling
-from .masks import Reference, load_reference, require_nonempty, token_indices, token_mask
+from .masks import Reference, load_reference, require_nonempty, token_indices, token_mask, token_mask_rule
+from .personalize import encode_reference
+from .presets import PRESET, Settings, check_choice
 from .refstate import RefState
 
 FLUX1_VITAL_LAYERS = (0, 1, 2, 17, 18, 25, 28, 53, 54, 56)  # for 19 double + 38 single blocks
@@ -78,6 +99,10 @@ LAMBDA_PROMPT = 1.1    # λ_p: the target's text keys on vital layers (infer.py 
 DEFAULT_STEPS = {"dev": 30, "schnell": 4}  # the authors use 30 with FLUX.1-dev
 GUIDANCE = 3.5
 REF_TIMES = ("target", "sigma")
+MU_SHIFT_TYPES = ("negative", "half_negative", "twice_negative", "normal", "linear", "target")
+MU_FROM = ("tokens", "latent")
+FC_MASK_RULES = ("area", "bilinear")
+MASK_MODES = ("exclude", "zero")
 
 CAPTION_SEPARATOR = ". "
 DESCRIBE_TEMPLATE = ("Describe this {subject} briefly and precisely in max 20 words, focusing on its overall "
@@ -129,21 +154,47 @@ def check_vital_layers(layers: Iterable[int], n_layers: int) -> list[int]:
     return sorted(out)
 
 
+def released_ans_seq_len(height: int, width: int) -> int:
+    """The image_seq_len of the released `flux_utils.pil_to_latents_flux`: it overwrites height/width with the
+    latent size 2·(H//16) before computing `(height // 8 // 2) * (width // 8 // 2)` from them: 16 at 512², 1 at
+    128², 64 at 1024² (the real image token count is 256 times that)."""
+    return (2 * (int(height) // 16) // 16) * (2 * (int(width) // 16) // 16)
+
+
+def _np_linspace(start: float, stop: float, n: int) -> list[float]:
+    """numpy.linspace's float64 values (start + i·step, the last exactly `stop`), without numpy."""
+    if n == 1:
+        return [start]
+    step = (stop - start) / (n - 1)
+    return [start + i * step for i in range(n - 1)] + [stop]
+
+
 def reference_sigmas(steps: int, image_seq_len: int, ans: bool = True, shift: bool = True,
-                     mu: float | None = None) -> Tensor:
+                     mu: float | None = None, shift_type: str | None = None,
+                     timesteps: Tensor | None = None) -> Tensor:
     """σ'_i, the noise level of the reference at step i = 0..steps-1 (float32, (steps,)).
 
-    ans=True (adjusted noise shifting): FLUX's dynamic shift in the reversed direction, e^{-μ} instead of e^{μ}:
-        σ'_i = e^{-μ} / (e^{-μ} + (1/s_i - 1)),   s_i = 1 - i/steps,   μ = calculate_mu(image_seq_len)
-    so the reference is seen at lower noise than the target (finer detail).
-    ans=False: the target's own noise level, `get_schedule(steps, image_seq_len, shift)[:-1]`.
-    `mu` overrides μ of the reversed shift (see the module docstring for the authors' released value).
-    The reversed shift is applied for schnell too (its target schedule is unshifted; FreeCus was published with
-    FLUX.1-dev only) — pass ans=False there to see the reference at the target's noise level."""
-    if not ans:
+    shift_type (flux_utils.py `shift_type`; default "negative" if ans else "target"), s_i = 1 - i/steps,
+    μ = calculate_mu(image_seq_len) unless `mu` is given:
+      "negative" (ANS, the paper's adjusted noise shifting): FLUX's dynamic shift reversed, e^{-μ} for e^{μ}:
+          σ'_i = e^{-μ} / (e^{-μ} + (1/s_i - 1)), so the reference is seen at lower noise than the target;
+      "half_negative": -μ/2;  "twice_negative": -2μ;  "normal": +μ (FLUX's ordinary shift);
+      "linear": no shift, σ'_i = floor(1000·s_i)/1000 in float32 (their 1000-entry table lookup);
+      "target": the target's own noise level, `timesteps[:-1]` if given, else get_schedule(steps, seq, shift).
+    The reversed shifts are applied for schnell too (its target schedule is unshifted; FreeCus was published
+    with FLUX.1-dev only) — use "target" there to see the reference at the target's noise level."""
+    shift_type = ("negative" if ans else "target") if shift_type is None else shift_type
+    check_choice("shift_type", shift_type, MU_SHIFT_TYPES)
+    if shift_type == "target":
+        if timesteps is not None:
+            return timesteps[:-1].float()
         return sampling.get_schedule(steps, image_seq_len, shift=shift)[:-1]
+    if shift_type == "linear":
+        s = torch.tensor(_np_linspace(1.0, 1.0 / steps, steps), dtype=torch.float64).float()
+        return torch.floor(s * 1000) / 1000
     mu = sampling.calculate_mu(image_seq_len) if mu is None else mu
-    return sampling.get_schedule(steps, image_seq_len, shift=True, mu=-mu)[:-1]
+    factor = {"negative": -1.0, "half_negative": -0.5, "twice_negative": -2.0, "normal": 1.0}[shift_type]
+    return sampling.get_schedule(steps, image_seq_len, shift=True, mu=factor * mu)[:-1]
 
 
 def noised_reference(x_ref: Tensor, eps: Tensor, sigma: float) -> Tensor:
@@ -233,37 +284,96 @@ def subject_tokens(mask: Tensor) -> Tensor:
     return token_indices(require_nonempty(token_mask(mask), "the reference's subject mask"))
 
 
+@dataclass(frozen=True)
+class FreeCusSettings(Settings):
+    """Settings of `freecus`: `.paper()` (the paper's method, minidit's defaults) or `.official()` (the released
+    code: github.com/Monalissaa/FreeCus infer.py, flux_utils.py, sa_handler_for_flux_clean.py)."""
+    lambda_ref: float = LAMBDA_REF           # λ_r on the reference keys (their save pass: always 1.1)
+    lambda_prompt: float = LAMBDA_PROMPT     # λ_p on the targets' text keys, vital layers (--extend_scale)
+    vital_layers: tuple[int, ...] | None = None  # None: default_vital_layers of the model (FLUX.1's ten)
+    mu_shift_type: str = "negative"          # the reference's noise schedule (reference_sigmas' shift_type)
+    mu_from: str = "tokens"                  # μ from the image token count ("tokens") or flux_utils' "latent"
+    ans_mu: float | None = None              # μ given directly (overrides mu_from)
+    ref_time: str = "target"                 # the time the model is told for the reference: "target" | "sigma"
+    mask_mode: str = "exclude"               # masked-out reference keys: "exclude" (gathered) | "zero"
+    mask_rule: str = "area"                  # pixel mask -> tokens: "area" (>= 50 %) | "bilinear" (infer.py)
+    vae_sample: bool = False                 # VAE posterior sample (True) or mean (False) of the reference
+    vae_seed: int | None = None              # CPU generator seed of that sample; None: the run's seed
+
+    def __post_init__(self):
+        if self.vital_layers is not None:
+            if isinstance(self.vital_layers, (str, bytes)) or not isinstance(self.vital_layers, Iterable):
+                raise TypeError(f"vital_layers must be a sequence of layer indices, got {self.vital_layers!r}")
+            object.__setattr__(self, "vital_layers", tuple(self.vital_layers))
+        check_choice("mu_shift_type", self.mu_shift_type, MU_SHIFT_TYPES)
+        check_choice("mu_from", self.mu_from, MU_FROM)
+        check_choice("ref_time", self.ref_time, REF_TIMES)
+        check_choice("mask_mode", self.mask_mode, MASK_MODES)
+        check_choice("mask_rule", self.mask_rule, FC_MASK_RULES)
+
+    @classmethod
+    def paper(cls) -> "FreeCusSettings":
+        return cls()
+
+    @classmethod
+    def official(cls) -> "FreeCusSettings":
+        return cls(mu_from="latent",      # flux_utils.pil_to_latents_flux: image_seq_len from the latent size
+                   mask_rule="bilinear",  # infer.py: nnf.interpolate(mask, (H/16, W/16), "bilinear") > 0
+                   vae_sample=True)       # flux_utils._encode_vae_image: latent_dist.sample(None)
+
+    def mu(self, height: int, width: int) -> float:
+        """μ of the reference's shift at this size (`ans_mu` if set)."""
+        if self.ans_mu is not None:
+            return float(self.ans_mu)
+        h, w = sampling.latent_size(height, width)
+        seq = (h // 2) * (w // 2) if self.mu_from == "tokens" else released_ans_seq_len(height, width)
+        return sampling.calculate_mu(seq)
+
+
 @torch.no_grad()
-def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | None = None,
-            lambda_ref: float = LAMBDA_REF, lambda_prompt: float = LAMBDA_PROMPT,
-            vital_layers: Iterable[int] | None = None, ans: bool = True, seed: int | list[int] = 0,
-            steps: int | None = None, guidance: float = GUIDANCE, height: int | None = None, width: int | None = None,
-            num_images: int = 1, mask_mode: str = "exclude", ref_time: str = "target", ref_seed: int | None = None,
-            ans_mu: float | None = None, progress: bool = False, return_latents: bool = False):
+def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | None = None, *,
+            seed: int | list[int] = 0, steps: int | None = None, guidance: float = GUIDANCE,
+            height: int | None = None, width: int | None = None, num_images: int = 1, ref_seed: int | None = None,
+            preset: str | FreeCusSettings = "paper", lambda_ref: float = PRESET, lambda_prompt: float = PRESET,
+            vital_layers: Iterable[int] | None = PRESET, mu_shift_type: str = PRESET, mu_from: str = PRESET,
+            ans_mu: float | None = PRESET, ref_time: str = PRESET, mask_mode: str = PRESET,
+            mask_rule: str = PRESET, vae_sample: bool = PRESET, vae_seed: int | None = PRESET,
+            ans: bool | None = None, progress: bool = False, return_latents: bool = False):
     """FreeCus: `num_images` images per prompt of the subject of `reference` (Reference(image, mask, prompt)).
 
     caption: a short description of the subject, appended to every prompt as `prompt + ". " + caption` (make it
     with any captioner: see DESCRIBE_TEMPLATE and FILTER_TEMPLATE). reference.prompt: the reference's prompt
-    (default: the first full target prompt, as the authors). λ_r = lambda_ref on the reference keys, λ_p =
-    lambda_prompt on the target's text keys, both on vital layers only. vital_layers: attention-layer indices
-    (double blocks then single blocks), default `default_vital_layers` of the loaded model. ans: reversed dynamic
-    shift for the reference (False: the target's noise level). height/width: default the reference's size.
-    ref_seed: the seed of the reference's ε (default: `seed`, so ε is the first target's initial noise)."""
+    (default: the first full target prompt, as the authors). height/width: default the reference's size.
+    ref_seed: the seed of the reference's ε (default: `seed`, so ε is the first target's initial noise).
+    preset: "paper" (default), "official" (the released code) or a FreeCusSettings; every keyword from
+    `lambda_ref` to `vae_seed` left at PRESET takes the preset's value, any other value overrides just that
+    field (FreeCusSettings.resolve gives the resolved settings): λ_r = lambda_ref on the reference keys, λ_p =
+    lambda_prompt on the target's text keys, both on vital layers only; vital_layers: attention-layer indices
+    (double blocks then single blocks), None = `default_vital_layers` of the loaded model; mu_shift_type: see
+    `reference_sigmas`; ans (legacy): False is mu_shift_type="target", True "negative"."""
+    if ans is not None:
+        if mu_shift_type is not PRESET and mu_shift_type != ("negative" if ans else "target"):
+            raise ValueError(f"ans={ans} contradicts mu_shift_type={mu_shift_type!r} (ans is its legacy alias)")
+        mu_shift_type = "negative" if ans else "target"
+    if vital_layers is not PRESET and vital_layers is not None:
+        vital_layers = tuple(vital_layers)
+    s = FreeCusSettings.resolve(preset, lambda_ref=lambda_ref, lambda_prompt=lambda_prompt,
+                                vital_layers=vital_layers, mu_shift_type=mu_shift_type, mu_from=mu_from,
+                                ans_mu=ans_mu, ref_time=ref_time, mask_mode=mask_mode, mask_rule=mask_rule,
+                                vae_sample=vae_sample, vae_seed=vae_seed)
     if isinstance(reference, (list, tuple)):
         if len(reference) != 1:
             raise ValueError(f"FreeCus takes one reference, got {len(reference)}")
         reference = reference[0]
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    if ref_time not in REF_TIMES:
-        raise ValueError(f"ref_time must be one of {REF_TIMES}, got {ref_time!r}")
     model = pipe.transformer
     cfg = model.cfg
-    vital = check_vital_layers(default_vital_layers(cfg.depth, cfg.depth_single_blocks) if vital_layers is None
-                               else vital_layers, cfg.n_layers)
+    vital = check_vital_layers(default_vital_layers(cfg.depth, cfg.depth_single_blocks) if s.vital_layers is None
+                               else s.vital_layers, cfg.n_layers)
     image, mask = load_reference(reference, height, width, "reference")
     height, width = image.shape[1:]
-    subject = subject_tokens(mask)
+    subject = token_indices(require_nonempty(token_mask_rule(mask, s.mask_rule), "the reference's subject mask"))
     h, w = sampling.latent_size(height, width)
     seq_len = (h // 2) * (w // 2)
     steps = DEFAULT_STEPS[pipe.variant] if steps is None else steps
@@ -277,14 +387,15 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
     ref_txt, ref_vec = (txt[:1], vec[:1]) if vital else (None, None)
     txt, txt_ids, vec = txt[-B:], txt_ids[-B:], vec[-B:]
 
-    x_ref = pipe.encode_image(image[None])  # (1, N, 64)
-    eps = sampling.noise(1, height, width, ref_seed if ref_seed is not None else
-                         (seed if isinstance(seed, int) else seed[0]), pipe.device, pipe.dtype)
+    first_seed = seed if isinstance(seed, int) else seed[0]
+    x_ref = encode_reference(pipe, image[None], s.vae_sample, first_seed if s.vae_seed is None else s.vae_seed)
+    eps = sampling.noise(1, height, width, ref_seed if ref_seed is not None else first_seed, pipe.device, pipe.dtype)
     img = sampling.noise(B, height, width, seed, pipe.device, pipe.dtype)
     timesteps = pipe.schedule(steps, height, width)
-    sigmas = reference_sigmas(steps, seq_len, ans=ans, shift=pipe.variant == "dev", mu=ans_mu)
+    sigmas = reference_sigmas(steps, seq_len, mu=s.mu(height, width), shift_type=s.mu_shift_type,
+                              timesteps=timesteps)
     with pipe._use(model):
         img = denoise_freecus(model, img, sampling.image_ids(B, height, width, pipe.device), txt, txt_ids, vec,
                               timesteps, x_ref, eps, sigmas, subject.to(pipe.device), ref_txt, ref_vec,
-                              vital, lambda_ref, lambda_prompt, mask_mode, ref_time, guidance, progress)
+                              vital, s.lambda_ref, s.lambda_prompt, s.mask_mode, s.ref_time, guidance, progress)
     return img if return_latents else pipe.decode(img, height, width)

@@ -8,16 +8,28 @@
 FLUX needs H and W to be multiples of 16 (the autoencoder's 8x times the transformer's 2x2 patches). By default
 a wrong size is an error; `fit="resize"` resizes to the nearest multiples of 16 (Lanczos), `fit="crop"`
 center-crops down to them.
+
+Reading is exact or refused: EXIF orientation is applied; 16-bit greyscale is scaled (v / 65535), not clipped; a
+mask whose grey is uniform but whose alpha varies is read from its alpha, and one where both vary is refused
+(which is the mask?); a missing, non-regular, non-image, truncated or oversized (decompression bomb, over
+Image.MAX_IMAGE_PIXELS) file is one ValueError naming it. `save_png` writes atomically: a temporary file in the
+target folder, renamed into place, so an interrupted write never leaves a truncated PNG nor destroys the old file.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 MULTIPLE = 16
+WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16/32-bit integer greyscale: values 0..65535
 FITS = ("error", "resize", "crop")
 
 
@@ -29,14 +41,33 @@ def check_size(h: int, w: int, multiple: int = MULTIPLE) -> None:
 
 
 def _open(src: str | Path | Image.Image, what: str) -> Image.Image:
+    """A PIL image, fully decoded and EXIF-transposed; every way a file can be bad is one named error."""
     if isinstance(src, Image.Image):
         return src
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path or a PIL image, got {type(src).__name__}")
     path = Path(src)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {path}: not a regular file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return ImageOps.exif_transpose(im)  # a new, loaded image either way
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"{what} {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, refused as a possible "
+                         "decompression bomb (raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine)") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"{what} {path}: not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise ValueError(f"{what} {path}: corrupt or truncated image ({e})") from None
 
 
 def _size(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -75,12 +106,20 @@ def load_image(src: str | Path | Image.Image, size: int | tuple[int, int] | None
                fit: str = "error") -> Image.Image:
     """An RGB PIL image from a path or PIL image, resized to `size` (height, width) if given and fitted to
     multiples of 16 per `fit` (see `fit_image`)."""
-    return fit_image(_open(src, "image").convert("RGB"), size, fit)
+    return fit_image(to_rgb(_open(src, "image")), size, fit)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with 16-bit greyscale scaled to 8 bits (PIL's own convert would clip it at 255)."""
+    if img.mode in WIDE_GREY:
+        g = (_grey(img) * 255).round().to(torch.uint8)
+        img = Image.frombytes("L", (img.width, img.height), g.numpy().tobytes())
+    return img.convert("RGB")
 
 
 def pil_to_tensor(img: Image.Image) -> Tensor:
     """RGB PIL image -> (1, 3, H, W) float32 in [-1, 1] (x / 127.5 - 1, as diffusers' VaeImageProcessor)."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
     return (x.permute(2, 0, 1)[None].float() / 255.0) * 2.0 - 1.0
 
@@ -115,11 +154,116 @@ def load_mask(src: str | Path | Image.Image | Tensor, size: int | tuple[int, int
             m = m.float() / 255.0
         else:
             m = m.float()
+            if not bool(torch.isfinite(m).all()):
+                raise ValueError("mask tensor holds NaN or Inf")
             if m.numel() and (m.min() < 0 or m.max() > 1):
                 raise ValueError(f"float mask values must lie in [0, 1]; got [{m.min().item():g}, {m.max().item():g}]")
     else:
-        img = _open(src, "mask").convert("L")
-        m = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width).float() / 255.0
+        m = _mask_values(_open(src, "mask"), src)
     if tuple(m.shape) != (h, w):
         raise ValueError(f"mask size {m.shape[0]}x{m.shape[1]} (HxW) differs from the image size {h}x{w}")
     return m.cpu()
+
+
+def _grey(img: Image.Image) -> Tensor:
+    """(H, W) float in [0, 1] from the luminance; 16-bit and 32-bit integer greyscale scaled by 65535."""
+    if img.mode in WIDE_GREY:
+        i32 = img.convert("I")
+        m = torch.frombuffer(bytearray(i32.tobytes()), dtype=torch.int32).view(img.height, img.width)
+        return (m.double() / 65535.0).clamp(0, 1).float()
+    if img.mode == "F":
+        raise ValueError("floating-point mask images are ambiguous; save the mask as 8- or 16-bit greyscale")
+    g = img.convert("L")
+    return torch.frombuffer(bytearray(g.tobytes()), dtype=torch.uint8).view(g.height, g.width).float() / 255.0
+
+
+def _mask_values(img: Image.Image, src) -> Tensor:
+    """A mask image -> (H, W) in [0, 1]: its grey; its alpha when the grey is uniform and the alpha is not."""
+    if img.mode in ("LA", "La", "RGBA", "RGBa", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA") if img.mode in ("P", "PA") else img
+        alpha = _grey(rgba.getchannel("A"))
+        grey = _grey(rgba.convert("RGB") if rgba.mode.startswith("RGB") else rgba.getchannel("L"))
+        if alpha.min() != alpha.max():
+            if grey.min() == grey.max():
+                return alpha
+            raise ValueError(f"mask {src}: both its grey values and its alpha channel vary, so which one is the "
+                             "mask is ambiguous; save it as greyscale (white = subject)")
+        return grey
+    return _grey(img)
+
+
+def output_paths(output: str | Path, n: int) -> list[Path] | Path:
+    """Where `n` images go, decided before any work. A directory (an existing one, or a path ending in '/')
+    comes back as a Path: images get numbered names in it (`save_numbered`, never overwriting). Otherwise a
+    list of .png paths (".png" added when there is no suffix): one image at the path, several as NAME-0.png,
+    NAME-1.png, ... Each must be absent or a regular file: a symlink (never written through), a directory, a
+    FIFO or device is refused; its folder must be, or be creatable inside, a writable directory."""
+    text = os.fspath(output)
+    out = Path(text)
+    if text.endswith(("/", os.sep)) or out.is_dir():
+        if os.path.lexists(out) and (out.is_symlink() or not out.is_dir()):
+            raise ValueError(f"--output {text}: not a directory")
+        _check_folder(out, text)
+        return out
+    if os.path.lexists(out) and (out.is_symlink() or not out.is_file()):  # e.g. /dev/null, a FIFO, a link
+        raise ValueError(f"--output {text}: exists and is not a regular file (a symlink, device or FIFO is refused)")
+    if out.suffix.lower() not in ("", ".png"):
+        raise ValueError(f"--output must be a .png file (the parameters are stored as PNG text), got {text}")
+    out = out if out.suffix else out.with_suffix(".png")
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+    for p in paths:
+        if p.is_symlink():
+            raise ValueError(f"--output {p}: is a symbolic link; refusing to write through or replace it")
+        if os.path.lexists(p) and not p.is_file():
+            raise ValueError(f"--output {p}: exists and is not a regular file")
+    _check_folder(out.parent, text)
+    return paths
+
+
+def _check_folder(folder: Path, what: str) -> None:
+    p = folder
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"--output {what}: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {what}: the folder {p} is not writable")
+
+
+def save_numbered(img: Image.Image, folder: Path, stem: str, pnginfo=None) -> Path:
+    """Save as folder/STEM-NNNN.png with the first free number (claimed atomically: never overwrites)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.stem.rsplit("-", 1)[1]) for p in folder.glob(f"{stem}-[0-9][0-9][0-9][0-9].png")]
+    k = max(taken, default=-1) + 1
+    while True:
+        try:
+            return save_png(img, folder / f"{stem}-{k:04d}.png", pnginfo, exclusive=True)
+        except FileExistsError:
+            k += 1
+
+
+def save_png(img: Image.Image, path: str | Path, pnginfo=None, exclusive: bool = False) -> Path:
+    """Write `img` as PNG atomically: a temporary file beside `path`, flushed to disk, then renamed over it
+    (`exclusive`: hard-linked into place instead, FileExistsError if the name is taken). An interrupt or crash
+    leaves the old file (or none) and at most a hidden temporary file, never a truncated PNG; two writers of one
+    path leave one whole image."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="PNG", pnginfo=pnginfo)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a saved image gets the usual permissions
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path

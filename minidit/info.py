@@ -1,11 +1,15 @@
-"""`minidit info PATH`: what a FLUX.1 weights folder contains, read from safetensors headers only (no tensors)."""
+"""`minidit info PATH`: what a FLUX.1 weights folder contains, read from safetensors headers only (no tensors).
+
+Cheap checks only: every safetensors header parses and covers its file exactly (a truncated file fails here),
+every config/tokenizer JSON parses, spiece.model and merges.txt are non-empty regular files. `minidit info` exits
+with code 1 unless the folder is complete and every check passes."""
 from __future__ import annotations
 
 from collections import Counter
 from math import prod
 from pathlib import Path
 
-from .loading import CheckpointError, LazyStateDict, find_safetensors
+from .loading import CheckpointError, LazyStateDict, check_regular, find_safetensors, read_json
 
 COMPONENTS = [  # (name, candidates relative to the root, what it is)
     ("transformer", ["flux1-dev.safetensors", "flux1-schnell.safetensors", "flux1-*.safetensors", "transformer"], "FLUX MMDiT"),
@@ -25,7 +29,26 @@ def _find(root: Path, candidates: list[str]) -> Path | None:
     return None
 
 
+def _check_small_files(p: Path) -> None:
+    """The JSON and tokenizer files of a component: parse the JSON, check the rest are non-empty files."""
+    files = [p] if p.is_file() else sorted(p.iterdir())
+    for f in files:
+        if f.suffix == ".json" and not f.name.endswith(".safetensors.index.json"):
+            read_json(f, f.name)
+        elif f.name in ("merges.txt", "spiece.model", "vocab.json"):
+            check_regular(f, f.name)
+            if f.stat().st_size == 0:
+                raise CheckpointError(f"{f}: empty file")
+    if p.name == "vocab.json" and not (p.parent / "merges.txt").is_file():
+        raise CheckpointError(f"{p.parent}: vocab.json without merges.txt")
+
+
 def describe(path: str | Path) -> str:
+    return inspect(path)[0]
+
+
+def inspect(path: str | Path) -> tuple[str, bool]:
+    """-> (the report, whether the folder is complete and every cheap check passed)."""
     from .pipeline import resolve_weights
     root = resolve_weights(path)
     lines = [f"weights: {root}"]
@@ -37,10 +60,11 @@ def describe(path: str | Path) -> str:
             missing.append(name)
             lines.append(f"  {name:<15} MISSING ({what}: looked for {', '.join(candidates)})")
             continue
-        if p.suffix in (".json", ".model"):
-            lines.append(f"  {name:<15} {p.relative_to(root)}")
-            continue
         try:
+            _check_small_files(p.parent if p.suffix in (".json", ".model") else p)
+            if p.suffix in (".json", ".model"):
+                lines.append(f"  {name:<15} {p.relative_to(root)}")
+                continue
             sd = LazyStateDict(find_safetensors(p) if p.is_dir() else [p])
         except CheckpointError as e:
             lines.append(f"  {name:<15} UNREADABLE: {e}")
@@ -55,4 +79,4 @@ def describe(path: str | Path) -> str:
                      f"{', '.join(f'{d} x{c}' for d, c in dtypes.most_common())}")
     lines.insert(1, f"variant: FLUX.1-{variant}" if variant != "unknown" else "variant: unknown (no transformer)")
     lines.append("complete: yes" if not missing else f"complete: no (missing {', '.join(missing)})")
-    return "\n".join(lines)
+    return "\n".join(lines), not missing

@@ -9,39 +9,77 @@ Every component (transformer, text encoders, autoencoder) loads the same way:
 so a 23.8 GB bf16 file never needs a second full copy in host RAM: each tensor is read from the memory-mapped
 file, cast/moved to its final device and dtype, and the host copy is dropped before the next one is read.
 Pickled checkpoints (.ckpt/.pt/.pth/.bin) are refused and never unpickled.
+
+What is read: only regular files (a FIFO or device is refused from its stat, never opened), and from a shard
+index only plain file names inside the index's folder (no "..", no separators, no absolute paths: the message
+never says whether such a path exists). Every floating tensor is checked finite as it streams in, and its kind
+(float vs integer/bool) against the model's. A weight that would stay a view of the memory-mapped file (same
+device and dtype) is copied, so truncating or rewriting the file later cannot change it or SIGBUS; set
+MINIDIT_MMAP=1 to keep the mapping instead (no extra resident memory; the file must then stay unchanged).
 """
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import _getdtype  # safetensors' own dtype names, not a hand-kept table
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+MAX_JSON_BYTES = 64 << 20  # configs, indexes and tokenizer.json are far smaller
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, not safetensors, corrupt, or does not match the model."""
 
 
+def check_regular(path: Path, what: str = "checkpoint") -> None:
+    """Raise unless `path` is a regular file (symlinks followed), decided from stat: a FIFO is never opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise CheckpointError(f"{what} {path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{what} {path}: not a regular file (a directory, FIFO or device is refused)")
+
+
+def read_json(path: str | Path, what: str = "config") -> dict:
+    """A JSON object from a regular file of bounded size; every failure is a CheckpointError naming the file."""
+    path = Path(path)
+    check_regular(path, what)
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {what} larger than {MAX_JSON_BYTES >> 20} MiB, refused")
+    try:
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def plain_name(name, where: Path) -> str:
+    """A file name listed inside `where` (a shard, a snapshot): a plain name, never a path out of the folder."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name \
+            or os.path.isabs(name):
+        raise CheckpointError(f"{where}: {name!r} is not a plain file name in its folder (paths are refused)")
+    return name
+
+
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{path.name}: pickled checkpoints are refused (they can run arbitrary code when loaded); "
             "minidit reads .safetensors only — convert it with safetensors.torch.save_file first")
     if path.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{path}: not a .safetensors file")
+    check_regular(path)
 
 
 class LazyStateDict(Mapping):
@@ -84,7 +122,12 @@ class LazyStateDict(Mapping):
         return tuple(self._slice(key).get_shape())
 
     def dtype(self, key: str) -> torch.dtype:
-        return _ST_DTYPES[self._slice(key).get_dtype()]
+        name = self._slice(key).get_dtype()
+        try:
+            return _getdtype(name)
+        except (KeyError, ValueError, AttributeError):
+            raise CheckpointError(f"{self.files[self._where[key]]}: tensor {key!r} has dtype {name}, "
+                                  "which torch cannot hold") from None
 
     def metadata(self) -> dict[str, str]:
         return self._handles[0].metadata() or {} if self._handles else {}
@@ -150,8 +193,10 @@ def find_safetensors(folder: Path, stem: str | None = None) -> list[Path]:
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     indexes = sorted(p for p in folder.glob("*.safetensors.index.json") if stem is None or p.name.startswith(stem))
     if indexes:
-        index = json.loads(indexes[0].read_text())
-        names = sorted(set(index.get("weight_map", {}).values()))
+        weight_map = read_json(indexes[0], "shard index").get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{indexes[0]}: weight_map must be an object {{tensor: shard file}}")
+        names = sorted({plain_name(n, indexes[0]) for n in weight_map.values()})
         missing = [n for n in names if not (folder / n).exists()]
         if missing:
             raise CheckpointError(f"{indexes[0]} lists shards that are missing: {', '.join(missing)}")
@@ -195,6 +240,33 @@ def check_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tupl
     raise CheckpointError("\n".join(msg))
 
 
+MAX_CONFIG_INT = 1 << 24  # bigger than any width, depth or vocabulary of FLUX.1's components
+POSITIVE_FIELDS = ("eps", "scale_factor", "mlp_ratio", "theta")
+
+
+def check_config(cfg, what: str, sd: Mapping | None = None, layers: Mapping[str, str] | None = None) -> None:
+    """Bounds on a config dataclass before any module is built: every int in [0, 2^24], every float finite
+    (eps, scale_factor, ... > 0); each `layers` field {field: key prefix} equal to the number of blocks the
+    checkpoint `sd` holds under that prefix, so `num_layers = 10**9` is a quick named error, never a hang."""
+    import dataclasses
+    import math
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        for x in (v if isinstance(v, tuple) else (v,)):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            if isinstance(x, int) and not 0 <= x <= MAX_CONFIG_INT:
+                raise CheckpointError(f"{what}: config {f.name} = {x} is out of range [0, {MAX_CONFIG_INT}]")
+            if isinstance(x, float) and not math.isfinite(x) or f.name in POSITIVE_FIELDS and not x > 0:
+                raise CheckpointError(f"{what}: config {f.name} = {x} (must be a finite"
+                                      f"{' positive' if f.name in POSITIVE_FIELDS else ''} number)")
+    for name, prefix in (layers or {}).items():
+        found = {k.split(prefix, 1)[1].split(".", 1)[0] for k in sd if prefix in k}
+        if getattr(cfg, name) != len(found):
+            raise CheckpointError(f"{what}: config {name} = {getattr(cfg, name)} but the checkpoint holds "
+                                  f"{len(found)} blocks ({prefix}N)")
+
+
 def load_streaming(
     model: torch.nn.Module,
     sd: Mapping[str, torch.Tensor],
@@ -210,16 +282,35 @@ def load_streaming(
     """
     names = {(rename(k) if rename else k): k for k in sd}
     shapes = {new: _shape(sd, old) for new, old in names.items()}
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     check_keys(expected, shapes, what, also_missing=getattr(sd, "missing", ()))
     device = torch.device(device)
+    keep_mmap = os.environ.get("MINIDIT_MMAP", "") == "1"
     tensors = {}
     for new, old in names.items():
-        t = sd[old]
-        if dtype is not None and t.is_floating_point():
-            t = t.to(device=device, dtype=dtype)
+        src = sd[old]
+        if src.is_floating_point() != state[new].is_floating_point():
+            raise CheckpointError(f"{what}: tensor {old!r} is {str(src.dtype).replace('torch.', '')} where the "
+                                  f"model has {str(state[new].dtype).replace('torch.', '')}")
+        if dtype is not None and src.is_floating_point():
+            t = src.to(device=device, dtype=dtype)
         else:
-            t = t.to(device=device)
+            t = src.to(device=device)
+        if not keep_mmap and t.device.type == "cpu" and t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+            t = t.clone()  # still a view of the mapped file: own it, so later changes to the file cannot reach it
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            cast = f" after the cast to {str(t.dtype).replace('torch.', '')}" if t.dtype != src.dtype else ""
+            raise CheckpointError(f"{what}: tensor {old!r} holds NaN or Inf{cast}")
         tensors[new] = t
     model.load_state_dict(tensors, strict=True, assign=True)
     return model
+
+
+def default_device_dtype(device: torch.device | str | None = None,
+                         dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """The one default rule every loader shares: device CUDA if available, else the CPU; dtype bf16 on CUDA,
+    fp32 elsewhere. Given values are kept."""
+    from .validate import device as checked  # "--device cuda" without CUDA: a named error before any loading
+    device = checked(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -49,6 +49,46 @@ def token_mask(mask: Tensor, threshold: float = THRESHOLD) -> Tensor:
     return area >= threshold
 
 
+MASK_RULES = ("area", "center", "bilinear")
+
+
+def token_mask_center(mask: Tensor) -> Tensor:
+    """Personalize Anything's released rule (src/utils.py `create_mask`): the mask PNG is resized to the token
+    grid with PIL NEAREST, which samples pixel (16·r + 8, 16·c + 8) of each 16x16 patch, and a token is set
+    when that pixel is exactly white (== 255). Here: the pixel's value in [0, 1] rounds to 255 in 8 bits."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {tuple(mask.shape)}")
+    H, W = mask.shape
+    if H % PATCH or W % PATCH:
+        raise ValueError(f"mask size {W}x{H} is not a multiple of {PATCH}")
+    return mask.float()[PATCH // 2::PATCH, PATCH // 2::PATCH] >= 254.5 / 255
+
+
+def token_mask_bilinear(mask: Tensor) -> Tensor:
+    """FreeCus' released rule (infer.py): the mask is bilinearly resized to the token grid
+    (`F.interpolate(..., mode="bilinear")`, align_corners=False, no antialiasing: each token reads the 2x2
+    pixels at the centre of its patch) and a token is subject when the result is > 0."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {tuple(mask.shape)}")
+    H, W = mask.shape
+    if H % PATCH or W % PATCH:
+        raise ValueError(f"mask size {W}x{H} is not a multiple of {PATCH}")
+    return F.interpolate(mask.float()[None, None], size=(H // PATCH, W // PATCH), mode="bilinear",
+                         align_corners=False)[0, 0] > 0
+
+
+def token_mask_rule(mask: Tensor, rule: str = "area", threshold: float = THRESHOLD) -> Tensor:
+    """(H, W) pixel mask -> (H/16, W/16) bool tokens by `rule`: "area" (`token_mask` with `threshold`),
+    "center" (`token_mask_center`) or "bilinear" (`token_mask_bilinear`)."""
+    if rule == "area":
+        return token_mask(mask, threshold)
+    if rule == "center":
+        return token_mask_center(mask)
+    if rule == "bilinear":
+        return token_mask_bilinear(mask)
+    raise ValueError(f"mask rule must be one of {MASK_RULES}, got {rule!r}")
+
+
 def token_indices(tokens: Tensor) -> Tensor:
     """(h, w) bool token mask -> flat indices (row-major, like the packed latent) of the True tokens."""
     return tokens.flatten().nonzero().flatten()
@@ -156,18 +196,11 @@ def image_tensor(image) -> Tensor:
             image = image[0]
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"an image tensor must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError("image tensor holds NaN or Inf")
         return image.detach().float().cpu()
-    from pathlib import Path
-
-    from PIL import Image
-
-    from .image import pil_to_tensor
-    if not isinstance(image, Image.Image):
-        if not Path(image).exists():
-            raise FileNotFoundError(f"image not found: {image}")
-        with Image.open(image) as im:
-            image = im.convert("RGB")
-    return pil_to_tensor(image.convert("RGB"))[0]
+    from .image import _open, pil_to_tensor
+    return pil_to_tensor(_open(image, "image").convert("RGB"))[0]
 
 
 def resize_image(x: Tensor, H: int, W: int) -> Tensor:

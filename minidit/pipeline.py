@@ -4,6 +4,8 @@
     pipe = Pipeline.load("black-forest-labs/FLUX.1-dev")     # from the local Hugging Face cache, offline
     pipe = Pipeline.load("/models/FLUX.1-schnell", offload=True)
     images = pipe.generate("a photo of a cat", height=1024, width=1024, seed=0)
+    images = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images   # diffusers-shaped
+    images = pipe.img2img("photo.png", "the same photo as a watercolour", strength=0.6)
 
 The pieces are public so research code can reuse them: `encode_prompt`, `denoise`, `decode`, and the
 personalization methods (personalize.py, freecus.py) are built from exactly these.
@@ -11,22 +13,48 @@ personalization methods (personalize.py, freecus.py) are built from exactly thes
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
 
-from . import sampling
+from . import sampling, validate
 from .autoencoder import AutoEncoder, load_autoencoder
-from .image import tensor_to_pil
-from .loading import CheckpointError
+from .image import load_image, pil_to_tensor, tensor_to_pil
+from .loading import CheckpointError, default_device_dtype
 from .text_encoder import TextEncoder
 from .transformer import Flux, find_transformer, load_transformer
+from . import freecus as _freecus, personalize as _personalize  # noqa: E402  (entry points)
 
-DEFAULT_STEPS = {"dev": 28, "schnell": 4}
+DEFAULT_STEPS = {"dev": 28, "schnell": 4}  # Pipeline.default_steps: 4 only for an unshifted schedule (schnell)
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class FluxOutput:
+    """What `Pipeline.__call__` returns, as diffusers' FluxPipelineOutput: `.images` is a list of PIL images
+    (output_type "pil"), a (B, H, W, 3) float array in [0, 1] ("np"), a (B, 3, H, W) float tensor in [0, 1] ("pt")
+    or the packed latents (B, N, 64) ("latent")."""
+    images: list | Tensor
+
+
+def read_schedule(root: str | Path, guidance_embed: bool) -> sampling.FlowSchedule:
+    """The time shift from `root/scheduler/scheduler_config.json` as diffusers reads it; without one, FLUX.1's
+    own rule: dynamic shifting for dev (guidance-distilled), none for schnell."""
+    file = Path(root) / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        return sampling.FlowSchedule(dynamic=guidance_embed)
+    try:
+        return sampling.FlowSchedule.from_config(json.loads(file.read_text()), str(file))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------- finding weights
@@ -60,9 +88,12 @@ def resolve_weights(path: str | Path) -> Path:
 
 
 def _snapshot(repo: Path) -> Path:
-    ref = repo / "refs" / "main"
-    if ref.exists() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
-        return repo / "snapshots" / ref.read_text().strip()
+    ref = repo / "refs" / "main"  # holds a commit hash: a plain name inside snapshots/, never a path
+    if ref.is_file() and ref.stat().st_size <= 256:
+        from .loading import plain_name
+        name = plain_name(ref.read_text(errors="replace").strip(), ref)
+        if (repo / "snapshots" / name).is_dir():
+            return repo / "snapshots" / name
     snaps = sorted((repo / "snapshots").glob("*"), key=lambda s: s.stat().st_mtime) if (repo / "snapshots").is_dir() else []
     if not snaps:
         raise CheckpointError(f"{repo} has no snapshots")
@@ -105,10 +136,17 @@ class WeightPaths:
 
 class Pipeline:
     def __init__(self, transformer: Flux, ae: AutoEncoder, text: TextEncoder, device: torch.device,
-                 dtype: torch.dtype, offload: bool = False, name: str = "flux"):
+                 dtype: torch.dtype, offload: bool = False, name: str = "flux",
+                 flow_schedule: sampling.FlowSchedule | None = None):
         self.transformer, self.ae, self.text = transformer, ae, text
         self.device, self.dtype, self.offload, self.name = device, dtype, offload, name
-        self.variant = "dev" if transformer.cfg.guidance_embed else "schnell"
+        self.variant = "dev" if transformer.cfg.guidance_embed else "schnell"  # dev iff guidance-distilled
+        self.flow_schedule = flow_schedule or sampling.FlowSchedule(dynamic=transformer.cfg.guidance_embed)
+
+    @property
+    def default_steps(self) -> int:
+        """4 for a schnell (no guidance embedding) with an unshifted schedule, else 28."""
+        return DEFAULT_STEPS["schnell" if self.variant == "schnell" and not self.flow_schedule.shifting else "dev"]
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device | None = None,
@@ -118,8 +156,7 @@ class Pipeline:
         components: transformer=, ae=, text_encoder=, text_encoder_2=, tokenizer=, tokenizer_2=.
         device: default CUDA if available; dtype: bf16 on GPU, fp32 on CPU. offload=True keeps every component
         on the CPU and moves one at a time to the GPU while it runs."""
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        device, dtype = default_device_dtype(device, dtype)
         if path is None:
             from .weights.tiny import tiny_repo
             root, name = tiny_repo(), "minidit-tiny (random weights)"
@@ -134,7 +171,8 @@ class Pipeline:
                                 clip=paths.text_encoder, t5=paths.text_encoder_2,
                                 clip_tokenizer=paths.tokenizer, t5_tokenizer=paths.tokenizer_2)
         ae = load_autoencoder(paths.ae, home, dtype)
-        return cls(transformer, ae, text, device, dtype, offload, name)
+        return cls(transformer, ae, text, device, dtype, offload, name,
+                   read_schedule(root, transformer.cfg.guidance_embed))
 
     @contextlib.contextmanager
     def _use(self, module):
@@ -166,17 +204,40 @@ class Pipeline:
         txt, vec = txt.to(self.device, self.dtype), vec.to(self.device, self.dtype)
         return txt, sampling.text_ids(txt.shape[0], txt.shape[1], self.device), vec
 
+    def conditions(self, prompt: str | list[str], num_images: int = 1, negative_prompt: str | list[str] | None = None,
+                       true_cfg_scale: float = 1.0) -> tuple[tuple[Tensor, Tensor, Tensor], tuple | None]:
+        """-> (txt, txt_ids, vec) with each prompt repeated `num_images` times (as diffusers), and the same for
+        the negative prompt when true CFG is on (diffusers' rule: true_cfg_scale > 1 and a negative prompt,
+        "" included), else None. A single negative prompt applies to every prompt."""
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        cond = self.encode_prompt([p for p in prompts for _ in range(num_images)])
+        if not (float(true_cfg_scale) > 1 and negative_prompt is not None):
+            return cond, None
+        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negs) != len(prompts):
+            raise ValueError(f"negative_prompt: got {len(negs)} negative prompts for {len(prompts)} prompts "
+                             "(give one for all, or one per prompt)")
+        return cond, self.encode_prompt([n for n in negs for _ in range(num_images)])
+
     def denoise(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor, timesteps: Tensor,
-                guidance: float | None = 3.5, progress: bool = False) -> Tensor:
+                guidance: float | None = 3.5, progress: bool = False, negative: tuple | None = None,
+                true_cfg_scale: float = 1.0) -> Tensor:
         with self._use(self.transformer) as model:
-            return sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, progress)
+            return sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, progress,
+                                    negative, true_cfg_scale)
 
     @torch.no_grad()
+    def decode_pixels(self, img: Tensor, height: int, width: int, tile: int | None = None) -> Tensor:
+        """Packed latent tokens (B, N, 64) -> images (B, 3, H, W), nominally in [-1, 1], not clamped."""
+        validate.finite_tensor("latents", img)  # NaN/Inf is an error, never a black picture
+        with self._use(self.ae) as ae:
+            return ae.decode(sampling.unpack(img.to(self.device, self.dtype), height, width), tile=tile)
+
     def decode(self, img: Tensor, height: int, width: int, tile: int | None = None) -> list:
         """Packed latent tokens (B, N, 64) -> PIL images."""
-        with self._use(self.ae) as ae:
-            x = ae.decode(sampling.unpack(img.to(self.device, self.dtype), height, width), tile=tile)
-        return tensor_to_pil(x.float())
+        return tensor_to_pil(self.decode_pixels(img, height, width, tile).float())
 
     @torch.no_grad()
     def encode_image(self, image: Tensor) -> Tensor:
@@ -185,50 +246,113 @@ class Pipeline:
             return sampling.pack(ae.encode(image.to(self.device, self.dtype)))
 
     def schedule(self, steps: int | None, height: int, width: int) -> Tensor:
-        steps = DEFAULT_STEPS[self.variant] if steps is None else steps
+        """steps + 1 timesteps 1 -> 0 for this size, shifted per `flow_schedule` (the scheduler config)."""
+        steps = self.default_steps if steps is None else steps
         h, w = sampling.latent_size(height, width)
-        return sampling.get_schedule(steps, (h // 2) * (w // 2), shift=self.variant == "dev")
+        return self.flow_schedule.timesteps(steps, (h // 2) * (w // 2))
 
     # -- text to image ------------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], height: int = 1024, width: int = 1024, steps: int | None = None,
-                 guidance: float = 3.5, seed: int | list[int] = 0, num_images: int = 1, progress: bool = False,
-                 return_latents: bool = False):
-        """Returns `num_images` PIL images per prompt. seed: an int draws the whole batch's noise from one
-        generator (diffusers-identical); a list gives image i its own seed (reproducible alone)."""
+                 guidance: float = 3.5, seed: sampling.Seed = 0, num_images: int = 1, progress: bool = False,
+                 return_latents: bool = False, negative_prompt: str | list[str] | None = None,
+                 true_cfg_scale: float = 1.0, latents: Tensor | None = None):
+        """Returns `num_images` PIL images per prompt (or the packed latents). seed: an int draws the whole
+        batch's noise from one generator (diffusers-identical); a list gives image i its own seed (reproducible
+        alone); torch.Generator(s) are used as diffusers' `generator=`. negative_prompt + true_cfg_scale > 1:
+        true classifier-free guidance (two forwards per step), as diffusers' FluxPipeline. latents: packed
+        initial noise (B, N, 64) instead of drawing it."""
+        validate.generate_args(height, width, steps, guidance, seed, num_images)
         sampling.latent_size(height, width)  # validates the resolution before any work
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [p for p in prompts for _ in range(num_images)]
-        txt, txt_ids, vec = self.encode_prompt(prompts)
-        B = len(prompts)
-        img = sampling.noise(B, height, width, seed, self.device, self.dtype)
+        (txt, txt_ids, vec), negative = self.conditions(prompt, num_images, negative_prompt, true_cfg_scale)
+        B, N = txt.shape[0], (height // 16) * (width // 16)
+        if latents is None:
+            img = sampling.noise(B, height, width, seed, self.device, self.dtype)
+        elif tuple(latents.shape) != (B, N, 64):
+            raise ValueError(f"latents must be packed noise of shape {(B, N, 64)} for {B} images of {width}x{height}, "
+                             f"got {tuple(latents.shape)}")
+        else:
+            img = latents.to(self.device, self.dtype)
         img = self.denoise(img, sampling.image_ids(B, height, width, self.device), txt, txt_ids, vec,
-                           self.schedule(steps, height, width), guidance, progress)
+                           self.schedule(steps, height, width), guidance, progress, negative, true_cfg_scale)
+        return img if return_latents else self.decode(img, height, width)
+
+    def __call__(self, prompt: str | list[str], height: int | None = None, width: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float = 3.5,
+                 generator: torch.Generator | list[torch.Generator] | None = None, num_images_per_prompt: int = 1,
+                 output_type: str = "pil", negative_prompt: str | list[str] | None = None,
+                 true_cfg_scale: float = 1.0, latents: Tensor | None = None, progress: bool = False) -> FluxOutput:
+        """diffusers' FluxPipeline call: the same arguments mean the same, and the same generator gives the same
+        images. Differences: the default steps follow the checkpoint (4 schnell, 28 dev), and T5's length is the
+        pipeline's (512 dev, 256 schnell: pass max_sequence_length=256 to diffusers for schnell)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        height, width = height or 1024, width or 1024
+        if generator is None:  # diffusers draws from torch's global generator: so does this seed
+            generator = int(torch.randint(0, 2 ** 62, ()))
+        img = self.generate(prompt, height, width, num_inference_steps, guidance_scale, generator,
+                            num_images_per_prompt, progress, True, negative_prompt, true_cfg_scale, latents)
+        return FluxOutput(self.to_output(img, height, width, output_type))
+
+    def to_output(self, img: Tensor, height: int, width: int, output_type: str = "pil"):
+        """Packed latents -> diffusers' output types (see FluxOutput)."""
+        if output_type == "latent":
+            return img
+        x = self.decode_pixels(img, height, width).float()
+        if output_type == "pil":
+            return tensor_to_pil(x)
+        x = (x / 2 + 0.5).clamp(0, 1)  # diffusers' postprocess
+        return x.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else x
+
+    # -- image to image -----------------------------------------------------------------------------------------
+    def img2img(self, image, prompt: str | list[str], strength: float = 0.6, height: int | None = None,
+                width: int | None = None, steps: int | None = None, guidance: float = 3.5, seed: sampling.Seed = 0,
+                num_images: int = 1, negative_prompt: str | list[str] | None = None, true_cfg_scale: float = 1.0,
+                progress: bool = False, return_latents: bool = False):
+        """Image to image as diffusers' FluxImg2ImgPipeline: of the schedule for `steps` only the steps from
+        t_start = int(steps - strength·steps) on run; the image's latent is a posterior SAMPLE drawn from the
+        seed's generator, then the noise from the same generator, and the start is σ·noise + (1 - σ)·latent at
+        the first kept step (scale_noise). strength 1: from pure noise; small: close to the image.
+        image: a path or PIL image, resized (Lanczos) to height x width; default: its own size rounded down to
+        multiples of 16. A seed list gives every image its own posterior sample and noise (as diffusers with
+        one generator per copy of the image)."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if not isinstance(image, Image.Image):
+            if not Path(image).is_file():
+                raise FileNotFoundError(f"image not found: {image}")
+            with Image.open(image) as im:
+                image = im.convert("RGB")
+        height, width = height or image.height // 16 * 16, width or image.width // 16 * 16
+        sampling.latent_size(height, width)
+        steps = self.default_steps if steps is None else steps
+        t_start = int(max(steps - min(steps * strength, steps), 0))
+        if steps - t_start < 1:
+            raise ValueError(f"strength {strength} leaves no denoising step of {steps} (use strength > 0)")
+        timesteps = self.schedule(steps, height, width)[t_start:]
+        (txt, txt_ids, vec), negative = self.conditions(prompt, num_images, negative_prompt, true_cfg_scale)
+        B = txt.shape[0]
+        gen = sampling.generator(seed, B)
+        x = pil_to_tensor(load_image(image, (height, width))).to(self.device, self.dtype)  # Lanczos, as diffusers
+        with torch.no_grad(), self._use(self.ae) as ae:
+            if isinstance(gen, list):
+                x0 = torch.cat([ae.encode(x, sample=True, generator=g) for g in gen])
+            else:
+                x0 = ae.encode(x, sample=True, generator=gen).expand(B, -1, -1, -1)
+        eps = sampling.randn(tuple(x0.shape), gen).to(self.device, self.dtype)
+        sigma = timesteps[0].to(self.device, self.dtype)
+        img = sampling.pack(sigma * eps + (1.0 - sigma) * x0)  # diffusers' scale_noise
+        img = self.denoise(img, sampling.image_ids(B, height, width, self.device), txt, txt_ids, vec, timesteps,
+                           guidance, progress, negative, true_cfg_scale)
         return img if return_latents else self.decode(img, height, width)
 
     # -- personalization (the methods live in personalize.py and freecus.py; these are their entry points) ------
-    def invert(self, image, prompt: str = "", **kw):
-        """Invert a reference image along the flow schedule (Personalize Anything's reference branch)."""
-        from .personalize import invert
-        return invert(self, image, prompt, **kw)
-
-    def personalize(self, prompt, reference, **kw):
-        """Personalize Anything: subject from `reference` (one Reference or a list) placed into a new image."""
-        from .personalize import personalize
-        return personalize(self, prompt, reference, **kw)
-
-    def inpaint(self, image, mask, prompt, **kw):
-        from .personalize import inpaint
-        return inpaint(self, image, mask, prompt, **kw)
-
-    def outpaint(self, image, prompt, canvas, **kw):
-        from .personalize import outpaint
-        return outpaint(self, image, prompt, canvas, **kw)
-
-    def freecus(self, prompt, reference, **kw):
-        """FreeCus: pivotal attention sharing with the reference on vital layers."""
-        from .freecus import freecus
-        return freecus(self, prompt, reference, **kw)
+    # The module functions themselves, so `pipe.personalize` has their full, explicit signature and docstring.
+    invert = _personalize.invert              # invert a reference image (Personalize Anything's reference branch)
+    personalize = _personalize.personalize    # Personalize Anything: subject(s) placed into a new image
+    inpaint = _personalize.inpaint            # repaint a masked region, keep the rest
+    outpaint = _personalize.outpaint          # extend an image to a larger canvas
+    freecus = _freecus.freecus                # FreeCus: pivotal attention sharing on vital layers

@@ -13,7 +13,8 @@ and touch the target in only two places of every block (see `DoubleStreamBlock.f
    are left alone, as in the authors' code. The target keeps its own positions (RoPE comes after).
 2. reference keys/values (Personalize Anything t ≤ τ, FreeCus on vital layers): the target's joint attention
    also sees the reference's image keys/values — masked to the subject, keys scaled by λ_r, text keys by λ_p —
-   through the single `attention(...)` entry. The reference items themselves attend normally.
+   through the single `attention(...)` entry. The reference items themselves attend normally (unless
+   `share_refs`: Personalize Anything's released code appends the subject tokens for every batch item).
 
 Layers are counted over the double blocks then the single blocks (FLUX.1: 0-18 double, 19-56 single).
 """
@@ -44,6 +45,8 @@ class RefState:
     lambda_ref: float = 1.0                     # λ_r: logit scale of reference keys
     lambda_txt: float = 1.0                     # λ_p: logit scale of the target's text keys (only where shared)
     mask_mode: str = "exclude"                  # masked reference keys: "exclude" or "zero" (see attention.py)
+    share_refs: bool = False                    # the reference items attend to the shared K/V too (Personalize
+                                                # Anything's released attn_processor appends them for every item)
     last_layer: int | None = None               # reference items leave the batch after this layer (FreeCus needs
                                                 # them only up to the last vital layer); None: keep to the end
     trace: list | None = field(default=None, repr=False)  # tests: blocks append (layer, q, k, v) image rows
@@ -79,13 +82,15 @@ class RefState:
     # -- 2. reference keys/values ------------------------------------------------------------------------------
     def reference_kv(self, k: Tensor, v: Tensor, pe: Tensor, n_txt: int) -> tuple[Tensor, Tensor, Tensor]:
         """From the whole batch's un-rotated k, v (B, H, L, D) and pe (B, 1, L, D/2, 2, 2), the reference keys
-        and values every target sees: (T, H, R, D) each, keys rotated, and the subject mask (T, R) bool.
+        and values every target sees: (T, H, R, D) each, keys rotated, and the subject mask (T, R) bool
+        (T = the targets, or every item with `share_refs`).
 
         positions="own": all image tokens of every reference at their own positions, with the subject mask
         (the attention kernel skips fully masked key blocks); otherwise only the subject tokens, gathered,
         rotated at their target positions (or not at all for "zero"), mask all true.
         """
-        n, T = self.n_ref, k.shape[0] - self.n_ref
+        n = self.n_ref
+        T = k.shape[0] if self.share_refs else k.shape[0] - n  # the items that see the shared keys
         ks, vs = [], []
         for r in range(n):
             if self.positions == "own":

@@ -3,13 +3,16 @@ All pure functions except `denoise`, which only calls the model.
 
 Time runs from t = 1 (pure noise) to t = 0 (image); x_t = (1 - t) x_0 + t ε and the model predicts the velocity
 v = ε - x_0, so an Euler step is x ← x + (t_next - t) v. FLUX.1-dev shifts the schedule towards high noise with
-mu linear in the image token count (256 → 0.5, 4096 → 1.15); schnell uses the plain linear schedule.
+mu linear in the image token count (256 → 0.5, 4096 → 1.15); schnell uses the plain linear schedule. A
+checkpoint's scheduler_config.json says which (FlowSchedule). True CFG with a negative prompt: `denoise(negative=)`.
 """
 from __future__ import annotations
 
 import math
 import sys
 import time
+from dataclasses import dataclass
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -37,6 +40,50 @@ def get_schedule(steps: int, image_seq_len: int, shift: bool = True, mu: float |
     if shift:
         ts = time_shift(calculate_mu(image_seq_len) if mu is None else mu, ts)
     return ts.float()
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The time shift of a `scheduler/scheduler_config.json` (diffusers' FlowMatchEulerDiscreteScheduler).
+    dynamic (`use_dynamic_shifting`): mu = calculate_mu(image tokens, base/max seq len, base/max shift), as dev;
+    else the fixed shift t -> shift·t / (1 + (shift - 1)·t) (shift 1: the plain linear schedule, as schnell)."""
+    dynamic: bool = True
+    shift: float = 1.0
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+    # options diffusers' scheduler has that FLUX checkpoints leave off; refused rather than silently ignored
+    UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                   "invert_sigmas", "use_flow_sigmas", "stochastic_sampling")
+
+    @classmethod
+    def from_config(cls, cfg: dict, where: str = "scheduler config") -> FlowSchedule:
+        on = [k for k in cls.UNSUPPORTED if cfg.get(k)]
+        if cfg.get("time_shift_type", "exponential") != "exponential":
+            on.append(f"time_shift_type={cfg['time_shift_type']!r}")
+        if on:
+            raise ValueError(f"{where}: unsupported scheduler option(s) {', '.join(on)} (minidit implements "
+                             "FLUX's flow-matching Euler schedule: dynamic or fixed shift only)")
+        return cls(dynamic=bool(cfg.get("use_dynamic_shifting", False)), shift=float(cfg.get("shift", 1.0)),
+                   base_seq_len=int(cfg.get("base_image_seq_len", 256)),
+                   max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
+                   base_shift=float(cfg.get("base_shift", 0.5)), max_shift=float(cfg.get("max_shift", 1.15)))
+
+    @property
+    def shifting(self) -> bool:
+        return self.dynamic or self.shift != 1.0
+
+    def mu(self, image_seq_len: int) -> float:
+        return calculate_mu(image_seq_len, self.base_seq_len, self.max_seq_len, self.base_shift, self.max_shift)
+
+    def timesteps(self, steps: int, image_seq_len: int) -> Tensor:
+        """steps + 1 timesteps from 1 to 0 (float32), as diffusers' FluxPipeline + this scheduler config."""
+        if self.dynamic:
+            return get_schedule(steps, image_seq_len, shift=True, mu=self.mu(image_seq_len))
+        ts = get_schedule(steps, image_seq_len, shift=False).double()
+        return (self.shift * ts / (1 + (self.shift - 1) * ts)).float()
 
 
 def latent_size(height: int, width: int) -> tuple[int, int]:
@@ -70,18 +117,38 @@ def text_ids(batch: int, length: int, device=None) -> Tensor:
     return torch.zeros(batch, length, 3, device=device)
 
 
-def noise(batch: int, height: int, width: int, seed: int | list[int], device=None, dtype=torch.float32) -> Tensor:
-    """Packed initial noise, seed-identical to diffusers' FluxPipeline: fp32 from a CPU generator.
-    seed int: one generator draws the whole (B, 16, h, w) batch (what diffusers does with one generator);
-    seed list: one generator per image (diffusers' list of generators), so image i is reproducible alone."""
-    h, w = latent_size(height, width)
-    if isinstance(seed, int):
-        x = torch.randn((batch, 16, h, w), generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-    else:
+Seed = int | torch.Generator | list[int] | list[torch.Generator] | None
+
+
+def generator(seed: Seed, batch: int):
+    """A seed as diffusers' `generator=`: an int -> a new CPU generator seeded with it; a list (of ints or
+    generators) -> one generator per image (checked against `batch`); a Generator or None as it is."""
+    if isinstance(seed, (list, tuple)):
         if len(seed) != batch:
-            raise ValueError(f"got {len(seed)} seeds for {batch} images")
-        x = torch.cat([torch.randn((1, 16, h, w), generator=torch.Generator("cpu").manual_seed(s)) for s in seed])
-    return pack(x).to(device=device, dtype=dtype)
+            raise ValueError(f"got {len(seed)} seeds/generators for {batch} images")
+        return [generator(s, 1) for s in seed]
+    if isinstance(seed, torch.Generator) or seed is None:
+        return seed
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise ValueError(f"seed must be an int, a torch.Generator or a list of them, got {seed!r}")
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+def randn(shape: tuple[int, ...], gen) -> Tensor:
+    """fp32 normal noise of `shape` (B first) drawn on the generator's device, as diffusers' `randn_tensor`:
+    one generator draws the whole batch; a list draws image i from generator i."""
+    if isinstance(gen, list):
+        return torch.cat([randn((1, *shape[1:]), g) for g in gen])
+    return torch.randn(shape, generator=gen, device=gen.device if gen is not None else "cpu", dtype=torch.float32)
+
+
+def noise(batch: int, height: int, width: int, seed: Seed, device=None, dtype=torch.float32) -> Tensor:
+    """Packed initial noise, seed-identical to diffusers' FluxPipeline: fp32 from a CPU generator (or the given
+    generator's device). seed int: one generator draws the whole (B, 16, h, w) batch (what diffusers does with
+    one generator); a list: one generator per image (diffusers' list of generators), so image i is
+    reproducible alone; a torch.Generator: drawn from it (advancing it); None: torch's global generator."""
+    h, w = latent_size(height, width)
+    return pack(randn((batch, 16, h, w), generator(seed, batch))).to(device=device, dtype=dtype)
 
 
 class Progress:
@@ -110,14 +177,22 @@ def guidance_vector(model, batch: int, guidance: float | None, device=None, dtyp
 
 @torch.no_grad()
 def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor, timesteps: Tensor,
-            guidance: float | None = 3.5, progress: bool = False) -> Tensor:
+            guidance: float | None = 3.5, progress: bool = False,
+            negative: tuple[Tensor, Tensor, Tensor] | None = None, true_cfg_scale: float = 1.0) -> Tensor:
     """Euler integration of the model's velocity over `timesteps` (steps + 1 values, 1 -> 0).
-    img (B, N, 64) packed noise; returns the packed clean latent. The update is done in fp32."""
+    img (B, N, 64) packed noise; returns the packed clean latent. The update is done in fp32.
+    negative: (txt, txt_ids, vec) of a negative prompt for true classifier-free guidance, as diffusers'
+    FluxPipeline: a second forward per step and v = v_neg + true_cfg_scale·(v - v_neg) (the caller decides
+    when: diffusers does it iff true_cfg_scale > 1 and a negative prompt is given)."""
     B = img.shape[0]
     g = guidance_vector(model, B, guidance, img.device, img.dtype)
     bar = Progress(len(timesteps) - 1, progress)
     for t, t_next in zip(timesteps[:-1].tolist(), timesteps[1:].tolist()):
-        pred = model(img, img_ids, txt, txt_ids, torch.full((B,), t, device=img.device, dtype=img.dtype), vec, g)
+        tt = torch.full((B,), t, device=img.device, dtype=img.dtype)
+        pred = model(img, img_ids, txt, txt_ids, tt, vec, g)
+        if negative is not None:
+            neg = model(img, img_ids, negative[0], negative[1], tt, negative[2], g)
+            pred = neg + true_cfg_scale * (pred - neg)
         img = (img.float() + (t_next - t) * pred.float()).to(img.dtype)
         bar.update()
     return img

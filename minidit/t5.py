@@ -98,6 +98,15 @@ def relative_position_bucket(rel: Tensor, num_buckets: int = 32, max_distance: i
     return bucket + torch.where(rel < exact, rel, log_bucket)
 
 
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its random init on the meta device: there `normal_` runs a decomposition that
+    imports torch._dynamo (~1 s of cold start), and meta-built modules get their weights from a checkpoint."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
 class T5Attention(nn.Module):
     def __init__(self, cfg: T5Config, has_relative_bias: bool):
         super().__init__()
@@ -108,7 +117,7 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, inner, bias=False)
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
         if has_relative_bias:
-            self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.num_heads)
+            self.relative_attention_bias = Embedding(cfg.num_buckets, cfg.num_heads)
 
     def position_bias(self, L: int, device) -> Tensor:
         """(1, H, L, L) additive logit bias from the relative position of key vs query."""
@@ -179,7 +188,7 @@ class T5Encoder(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.cfg = cfg
-        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.shared = Embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = T5Stack(cfg)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .clip import CLIPTextConfig, CLIPTextEncoder
-from .loading import CheckpointError, _shape, load_streaming, open_checkpoint
+from .loading import CheckpointError, _shape, check_config, default_device_dtype, load_streaming, open_checkpoint
 from .t5 import T5Config, T5Encoder
 from .tokenizer import CLIPTokenizer, T5Tokenizer
 
@@ -75,12 +75,20 @@ def _check_dtype(dtype: torch.dtype | None, what: str) -> None:
         raise ValueError(f"{what}: dtype must be a floating dtype, got {dtype}")
 
 
-def load_t5(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+def _in_root(path: str | Path, folder: str) -> Path:
+    """A FLUX repository root -> its `folder` (text_encoder/, text_encoder_2/); anything else as given."""
+    path = Path(path)
+    return path / folder if path.is_dir() and (path / folder).is_dir() else path
+
+
+def load_t5(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
             config: T5Config | dict | str | Path | None = None) -> T5Encoder:
     """T5 encoder from a `text_encoder_2/` folder (config.json + safetensors, sharded through
-    model.safetensors.index.json or not) or a single .safetensors file with `config`. float16 is refused
-    (T5 v1.1 overflows it); bfloat16 (default) and float32 are fine."""
-    path, what = Path(path), "T5 checkpoint"
+    model.safetensors.index.json or not), a FLUX repository root holding one, or a single .safetensors file
+    with `config`. Defaults: CUDA if available, bf16 there, fp32 on the CPU (minidit.loading.default_device_dtype).
+    float16 is refused (T5 v1.1 overflows it); bfloat16 and float32 are fine."""
+    path, what = _in_root(path, "text_encoder_2"), "T5 checkpoint"
+    device, dtype = default_device_dtype(device, dtype)
     if dtype == torch.float16:
         raise ValueError("load_t5: float16 is not supported (T5 v1.1 activations overflow it); "
                          "use torch.bfloat16 or torch.float32")
@@ -89,6 +97,7 @@ def load_t5(path: str | Path, device: torch.device | str = "cpu", dtype: torch.d
         raise CheckpointError(f"{what} not found: {path}")
     cfg = _read_config(path, config, T5Config, what)
     sd = open_checkpoint(path)
+    check_config(cfg, f"{what} {path}", sd, {"num_layers": "encoder.block."})  # bounds before building
     keys = {k: k for k in sd}
     tied = "encoder.embed_tokens.weight"
     if tied in keys:
@@ -104,16 +113,18 @@ def load_t5(path: str | Path, device: torch.device | str = "cpu", dtype: torch.d
     return model.eval().requires_grad_(False)
 
 
-def load_clip(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+def load_clip(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
               config: CLIPTextConfig | dict | str | Path | None = None) -> CLIPTextEncoder:
-    """CLIP text encoder from a `text_encoder/` folder (config.json + model.safetensors) or a single
-    .safetensors file with `config`."""
-    path, what = Path(path), "CLIP checkpoint"
+    """CLIP text encoder from a `text_encoder/` folder (config.json + model.safetensors), a FLUX repository root
+    holding one, or a single .safetensors file with `config`. Defaults as load_t5."""
+    path, what = _in_root(path, "text_encoder"), "CLIP checkpoint"
+    device, dtype = default_device_dtype(device, dtype)
     _check_dtype(dtype, "load_clip")
     if not path.exists():
         raise CheckpointError(f"{what} not found: {path}")
     cfg = _read_config(path, config, CLIPTextConfig, what)
     sd = open_checkpoint(path)
+    check_config(cfg, f"{what} {path}", sd, {"num_layers": "encoder.layers."})  # bounds before building
     prefixed = any(k.startswith("text_model.") for k in sd)
     keys = {}
     for k in sd:
@@ -148,12 +159,14 @@ class TextEncoder:
         self.t5_tokenizer.max_length = max_length
 
     @classmethod
-    def load(cls, root: str | Path | None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+    def load(cls, root: str | Path | None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
              max_length: int | None = None, *, clip: str | Path | None = None, t5: str | Path | None = None,
              clip_tokenizer: str | Path | None = None, t5_tokenizer: str | Path | None = None) -> TextEncoder:
         """From a FLUX repository root with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/; any of
         them can be given explicitly instead (clip=, t5=, clip_tokenizer=, t5_tokenizer=; root may then be None).
-        max_length: T5 tokens (None: 512, or 256 when the root's transformer/config.json is schnell's)."""
+        max_length: T5 tokens (None: 512, or 256 when the root's transformer/config.json is schnell's).
+        device/dtype: as load_t5 (CUDA if available; bf16 there, fp32 on the CPU)."""
+        device, dtype = default_device_dtype(device, dtype)
         if root is not None:
             root = Path(root)
             if not root.is_dir():

@@ -144,7 +144,10 @@ class T5Tokenizer:
         extra_ids = 100
         config = path.parent / "tokenizer_config.json"
         if config.is_file():
-            extra_ids = int(json.loads(config.read_text(encoding="utf-8")).get("extra_ids", 100))
+            from .loading import read_json
+            extra_ids = read_json(config, "T5 tokenizer config").get("extra_ids", 100)
+            if isinstance(extra_ids, bool) or not isinstance(extra_ids, int) or not 0 <= extra_ids <= 1000:
+                raise ValueError(f"{config}: extra_ids = {extra_ids!r} (T5 uses 100; at most 1000)")
         extra = [f"<extra_id_{i}>" for i in range(extra_ids)]
         if path.suffix == ".json":
             vocab, charsmap = self._read_tokenizer_json(path)   # already holds the sentinels, last first

@@ -177,6 +177,9 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, n_txt: int, ref
         return attention(q, k, v, pe)
     n = ref.n_ref
     ref_k, ref_v, ref_mask = ref.reference_kv(k, v, pe, n_txt)
+    if ref.share_refs:  # Personalize Anything's released code: every batch item, references too, sees them
+        return attention(q, k, v, pe, ref_k=ref_k, ref_v=ref_v, ref_mask=ref_mask, lambda_ref=ref.lambda_ref,
+                         lambda_txt=ref.lambda_txt, n_txt=n_txt, mask_mode=ref.mask_mode)
     out_refs = attention(q[:n], k[:n], v[:n], pe[:n])
     out_targets = attention(q[n:], k[n:], v[n:], pe[n:], ref_k=ref_k, ref_v=ref_v, ref_mask=ref_mask,
                             lambda_ref=ref.lambda_ref, lambda_txt=ref.lambda_txt, n_txt=n_txt,
@@ -205,16 +208,7 @@ class DoubleStreamBlock(nn.Module):
                 ref: RefState | None = None, layer: int = 0) -> tuple[Tensor, Tensor]:
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.apply(self.img_norm1(img)))  # (B, H, N, D)
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_mod1.apply(self.txt_norm1(txt)))  # (B, H, T, D)
-
-        if ref is not None and ref.replace:  # Personalize Anything, t > τ: targets take the reference's tokens
-            img_q, img_k, img_v = (ref.replace_tokens(x) for x in (img_q, img_k, img_v))
-        if ref is not None:
-            ref.record(layer, img_q, img_k, img_v)
-
-        q, k, v = (torch.cat(x, dim=2) for x in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        attn = joint_attention(q, k, v, pe, txt.shape[1], ref, layer)  # (B, T+N, H*D)
+        attn = self.attention(img, txt, img_mod1, txt_mod1, pe, ref, layer)  # (B, T+N, H*D)
         txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -222,6 +216,21 @@ class DoubleStreamBlock(nn.Module):
         txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
         txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.apply(self.txt_norm2(txt)))
         return img, fp16_clip(txt)
+
+    def attention(self, img: Tensor, txt: Tensor, img_mod: ModulationOut, txt_mod: ModulationOut, pe: Tensor,
+                  ref: RefState | None, layer: int) -> Tensor:
+        """Joint attention over [txt; img] -> (B, T+N, H*D); every q/k/v dies when this returns."""
+        img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod.apply(self.img_norm1(img)))  # (B, H, N, D)
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_mod.apply(self.txt_norm1(txt)))  # (B, H, T, D)
+
+        if ref is not None and ref.replace:  # Personalize Anything, t > τ: targets take the reference's tokens
+            img_q, img_k, img_v = (ref.replace_tokens(x) for x in (img_q, img_k, img_v))
+        if ref is not None:
+            ref.record(layer, img_q, img_k, img_v)
+
+        q, k, v = (torch.cat(x, dim=2) for x in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        del img_q, img_k, img_v, txt_q, txt_k, txt_v  # only the joint copies live through the attention
+        return joint_attention(q, k, v, pe, txt.shape[1], ref, layer)
 
 
 class SingleStreamBlock(nn.Module):
@@ -239,17 +248,25 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor, n_txt: int,
                 ref: RefState | None = None, layer: int = 0) -> Tensor:
         mod, _ = self.modulation(vec)
-        qkv, mlp = torch.split(self.linear1(mod.apply(self.pre_norm(x))), [3 * self.hidden_size, self.mlp_hidden_dim], -1)
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)  # x = [txt; img]
+        h = mod.apply(self.pre_norm(x))  # (B, L, hidden), x = [txt; img]
+        # linear1's rows are [qkv; MLP-in]: the two halves run as separate matmuls (as diffusers' separate Linears
+        # do), so the (B, L, 3*hidden + mlp_hidden) output is never held whole, the MLP half only after attention
+        w, b, n_qkv = self.linear1.weight, self.linear1.bias, 3 * self.hidden_size
+        attn_mlp = torch.cat((self.attention(F.linear(h, w[:n_qkv], b[:n_qkv]), pe, n_txt, ref, layer),
+                              self.mlp_act(F.linear(h, w[n_qkv:], b[n_qkv:]))), dim=2)  # (B, L, hidden + mlp_hidden)
+        del h
+        return fp16_clip(x + mod.gate * self.linear2(attn_mlp))
+
+    def attention(self, qkv: Tensor, pe: Tensor, n_txt: int, ref: RefState | None, layer: int) -> Tensor:
+        """qkv (B, L, 3*hidden) -> joint attention output (B, L, hidden); q/k/v die when this returns."""
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
 
         if ref is not None and ref.replace:  # Personalize Anything, t > τ (image tokens start after the text)
             q, k, v = (ref.replace_tokens(t, offset=n_txt) for t in (q, k, v))
         if ref is not None:
             ref.record(layer, q[:, :, n_txt:], k[:, :, n_txt:], v[:, :, n_txt:])
-
-        attn = joint_attention(q, k, v, pe, n_txt, ref, layer)
-        return fp16_clip(x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2)))
+        return joint_attention(q, k, v, pe, n_txt, ref, layer)
 
 
 class LastLayer(nn.Module):
@@ -306,6 +323,7 @@ class Flux(nn.Module):
             img, txt, vec, pe, ref = _drop_references(ref, layer, img, txt, vec, pe)
             layer += 1
         x = torch.cat((txt, img), dim=1)
+        del txt, img  # not held through the single blocks
         for block in self.single_blocks:
             x = block(x, vec, pe, n_txt, ref, layer)
             x, _, vec, pe, ref = _drop_references(ref, layer, x, None, vec, pe)
@@ -393,14 +411,15 @@ def _resolve_transformer(path) -> tuple[list, str]:
     return ([hit], "bfl") if hit.is_file() else (find_safetensors(hit), "diffusers")
 
 
-def load_transformer(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+def load_transformer(path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                      cfg: FluxConfig | None = None) -> Flux:
     """Load FLUX.1 from a BFL file (`flux1-dev.safetensors`), a diffusers `transformer/` folder (sharded, keys
     converted on load) or a FLUX.1 repository root holding either. Stored fp32/bf16/fp16/fp8 tensors are cast to
-    `dtype` (default: bf16 on CUDA, fp32 elsewhere). Built on the meta device and streamed tensor by tensor."""
+    `dtype`. Defaults: CUDA if available, bf16 there, fp32 on the CPU (minidit.loading.default_device_dtype).
+    Built on the meta device and streamed tensor by tensor."""
     import json
 
-    from .loading import Converted, LazyStateDict, load_streaming
+    from .loading import Converted, LazyStateDict, check_config, default_device_dtype, load_streaming, read_json
     files, layout = _resolve_transformer(path)
     sd = LazyStateDict(files)
     meta = sd.metadata()
@@ -415,14 +434,14 @@ def load_transformer(path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if layout == "diffusers":
         config_file = files[0].parent / "config.json"
         if config_file.exists():
-            axes_dim = tuple(json.loads(config_file.read_text()).get("axes_dims_rope", axes_dim or ())) or axes_dim
+            axes_dim = tuple(read_json(config_file, "transformer config").get("axes_dims_rope", axes_dim or ())) or axes_dim
         blocks = lambda p: len({k.split(".")[1] for k in sd if k.startswith(p)})  # noqa: E731
         sd = Converted(sd, diffusers_to_bfl_plan(blocks("transformer_blocks."), blocks("single_transformer_blocks."),
                                                  "time_text_embed.guidance_embedder.linear_1.weight" in sd))
     if cfg is None:
         cfg = FluxConfig.from_checkpoint({k: sd.shape(k) for k in sd}, axes_dim)
-    device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    check_config(cfg, f"transformer checkpoint {files[0]}")  # bounds before any module is built
+    device, dtype = default_device_dtype(device, dtype)
     with torch.device("meta"):
         model = Flux(cfg)
     return load_streaming(model, sd, device, dtype, what=f"transformer checkpoint {files[0].parent if len(files) > 1 else files[0]}").eval()

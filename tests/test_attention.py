@@ -520,3 +520,60 @@ def test_bench_smoke_runs_end_to_end():
         assert r["err"] <= 2e-5 and r["ms"] > 0
         assert r["sdpa+m_err"] <= 2e-5, r  # the baselines compute the same thing
         assert r.get("flex_err", 0.0) <= 2e-5, r
+
+
+# ---- edge cases: every backend means the same thing ----------------------------------------------------------
+
+BACKEND_FNS = {"reference": attention_reference, "sdpa": attention_sdpa, "triton": ref_attention}
+
+
+@pytest.mark.parametrize("mode", ["exclude", "zero"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_garbage_in_masked_out_reference_never_leaks(mode, dtype):
+    q, k, v, rk, rv = inputs(64, dtype)
+    m = subject_mask()
+    want = ref(q, k, v, rk, rv, m, LR, LP, N_TXT, mode)
+    bad_k, bad_v = rk.clone(), rv.clone()
+    for t, val in ((bad_k, float("nan")), (bad_v, float("inf"))):
+        t.masked_fill_(~m[:, None, :, None], val)
+    bad_v[~m[:, None, :, None].expand_as(bad_v)] = float("nan")
+    for name, fn in BACKEND_FNS.items():
+        out = fn(q, k, v, bad_k, bad_v, m, LR, LP, N_TXT, mode)
+        assert torch.isfinite(out).all(), f"{name}: NaN/Inf of masked-out tokens leaked"
+        assert maxdiff(out, want) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize("backend", list(BACKEND_FNS))
+def test_item_with_every_reference_key_masked_is_attention_without_it(backend):
+    """No row is ever fully masked (the joint keys always count): an all-False mask in "exclude" mode is exactly
+    attention over the joint keys alone, in every backend; empty joint keys are a named error."""
+    q, k, v, rk, rv = inputs(64, torch.float32)
+    none = torch.zeros(B, R, dtype=torch.bool)
+    out = BACKEND_FNS[backend](q, k, v, rk, rv, none, LR, LP, N_TXT, "exclude")
+    assert maxdiff(out, ref(q, k, v, None, None, None, LR, LP, N_TXT, "exclude")) <= 2e-5
+    with pytest.raises(ValueError, match="joint keys must not be empty"):
+        BACKEND_FNS[backend](q, k[:, :, :0], v[:, :, :0], rk, rv, none, LR, LP, 0, "exclude")
+
+
+@pytest.mark.parametrize("backend", list(BACKEND_FNS))
+def test_fp16_with_large_lambda_does_not_overflow(backend):
+    q, k, v, rk, rv = inputs(64, torch.float16)
+    k, rk = k * 60, rk * 60  # |k| up to ~250: λ = 300 folded into fp16 keys would overflow (> 65504)
+    lr, lp = 300.0, torch.tensor([200.0, 250.0])
+    want = ref(q, k, v, rk, rv, None, lr, lp, N_TXT, "exclude")
+    out = BACKEND_FNS[backend](q, k, v, rk, rv, None, lr, lp, N_TXT, "exclude")
+    assert torch.isfinite(out).all() and maxdiff(out, want) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("backend", list(BACKEND_FNS))
+def test_bad_arguments_are_named_in_every_backend(backend):
+    q, k, v, rk, rv = inputs(64, torch.float32)
+    fn = BACKEND_FNS[backend]
+    for n_txt in (LK + 1, -1, 2.5):
+        with pytest.raises(ValueError, match="n_txt"):
+            fn(q, k, v, rk, rv, None, LR, LP, n_txt, "exclude")
+    for a, b in ((rk, None), (None, rv)):
+        with pytest.raises(ValueError, match="both ref_k and ref_v"):
+            fn(q, k, v, a, b, None, LR, LP, N_TXT, "exclude")
+    with pytest.raises(ValueError, match="n_txt"):
+        attention(q, k, v, n_txt=LK + 1, lambda_txt=2.0, backend=backend)

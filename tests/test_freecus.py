@@ -227,7 +227,8 @@ def test_reference_in_the_batch_without_sharing_does_not_touch_the_targets(model
                      torch.cat([x["ref_txt"], x["txt"]]), torch.cat([x["txt_ids"][:1], x["txt_ids"]]), t,
                      torch.cat([x["ref_vec"], x["vec"]]), torch.full((B + 1,), 3.5), ref=state)
         alone = model(x["img"], x["img_ids"], x["txt"], x["txt_ids"], t[1:], x["vec"], torch.full((B,), 3.5))
-    torch.testing.assert_close(both[1:], alone, atol=1e-6, rtol=1e-6)
+    # a different batch size changes the CPU GEMM blocking: ~2e-6 of float noise, not a leak (a leak is >= 1e-3)
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- masked-out tokens

@@ -157,7 +157,9 @@ def test_cli_info(tmp_path, dev_repo, capsys):
     assert "variant: FLUX.1-dev" in out and "complete: yes" in out and "M params" in out
     broken = tmp_path / "b"
     shutil.copytree(dev_repo, broken, ignore=shutil.ignore_patterns("ae.safetensors", "vae"))
-    main(["info", str(broken)])
+    with pytest.raises(SystemExit) as e:  # incomplete: exit code 1
+        main(["info", str(broken)])
+    assert e.value.code == 1
     out = capsys.readouterr().out
     assert "ae              MISSING" in out and "complete: no (missing ae)" in out
 

@@ -86,7 +86,7 @@ def test_padding_is_attended_without_mask(hf_folder):
 
 def test_bf16_close_to_transformers_bf16(hf_folder):
     folder, _ = hf_folder
-    ours = load_t5(folder)  # default bfloat16
+    ours = load_t5(folder, dtype=torch.bfloat16)
     assert ours.shared.weight.dtype == torch.bfloat16
     ref = transformers.T5EncoderModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
     ids, _ = _ids()

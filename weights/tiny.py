@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,20 +73,55 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINIDIT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minidit"))
 
 
+MANIFEST = ".complete.json"  # {relative path: size in bytes}, written last: a cache without it is incomplete
+STALE_S = 600  # a temporary folder older than this is from a killed first run
+
+
+def _intact(root: Path) -> bool:
+    """Every file the manifest lists is there with its size (a cheap stat each, no hashing)."""
+    try:
+        files = json.loads((root / MANIFEST).read_text())
+        return all((root / rel).stat().st_size == size for rel, size in files.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _clean_stale(root: Path) -> None:
+    for tmp in root.parent.glob(f".{root.name}-*"):
+        try:
+            if tmp.is_dir() and not tmp.is_symlink() and time.time() - tmp.lstat().st_mtime > STALE_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def tiny_repo(variant: str = "dev") -> Path:
     """The built-in tiny checkpoint: written once into the cache (MINIDIT_CACHE, default ~/.cache/minidit),
-    atomically, then reused."""
+    atomically, then reused. A stale temporary folder from a killed first run is removed; an incomplete or
+    damaged cache (a file missing or of the wrong size) is rebuilt once and swapped in."""
     root = cache_dir() / f"tiny-flux-{variant}-v{VERSION}"
-    if (root / "model_index.json").exists():
+    if _intact(root):
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))
     try:
-        write_tiny_repo(tmp, variant)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(root)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))
         try:
-            tmp.rename(root)
-        except OSError:  # another process won the race
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            write_tiny_repo(tmp, variant)
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / MANIFEST).write_text(json.dumps(files, indent=0))
+            if os.path.lexists(root) and not _intact(root):  # damaged: move it aside, then swap the new one in
+                old = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-old-"))
+                os.rename(root, old / "repo")
+                shutil.rmtree(old, ignore_errors=True)
+            try:
+                tmp.rename(root)
+            except OSError:  # another process won the race
+                if not _intact(root):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise OSError(f"cannot write the built-in tiny checkpoint into {root.parent} ({e.strerror or e}); "
+                      "set MINIDIT_CACHE to a writable folder") from None
     return root

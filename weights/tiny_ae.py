@@ -94,18 +94,23 @@ def diffusers_config(cfg: AutoEncoderConfig) -> dict:
 
 
 def write_tiny_ae(path: str | Path, cfg: AutoEncoderConfig | None = None, seed: int = 0,
-                  layout: str = "bfl") -> Path:
-    """Write a random AE. layout "bfl": `path` is the .safetensors file (or a folder, which gets ae.safetensors);
-    layout "diffusers": `path` is the vae/ folder (config.json + diffusion_pytorch_model.safetensors).
-    Returns the file (bfl) or folder (diffusers) written."""
+                  layout: str = "bfl", sd: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a random AE (or the given BFL-named `sd`, e.g. trained). layout "bfl": `path` is the .safetensors
+    file (or a folder, which gets ae.safetensors); layout "diffusers": `path` is the vae/ folder (config.json +
+    diffusion_pytorch_model.safetensors). Scale/shift factors other than FLUX's go into the BFL file's metadata
+    (diffusers keeps them in config.json). Returns the file (bfl) or folder (diffusers) written."""
     cfg = cfg or AutoEncoderConfig.tiny()
-    sd = tiny_ae_state_dict(cfg, seed)
+    sd = tiny_ae_state_dict(cfg, seed) if sd is None else sd
     path = Path(path)
     if layout == "bfl":
         if path.suffix != ".safetensors":
             path = path / "ae.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(path), metadata={"format": "pt"})
+        meta = {"format": "pt"}
+        flux = AutoEncoderConfig.flux()
+        if (cfg.scale_factor, cfg.shift_factor) != (flux.scale_factor, flux.shift_factor):
+            meta.update(scale_factor=repr(cfg.scale_factor), shift_factor=repr(cfg.shift_factor))
+        save_file(sd, str(path), metadata=meta)
         return path
     if layout == "diffusers":
         path.mkdir(parents=True, exist_ok=True)

@@ -210,8 +210,9 @@ def write_tiny_clip(folder: str | Path, cfg: CLIPTextConfig | None = None, seed:
     return folder
 
 
-def write_t5_tokenizer(folder: str | Path, vocab_size: int = T5_SPIECE_SIZE, model_max_length: int = 512) -> Path:
-    """Train a tiny SentencePiece unigram model on CORPUS (deterministic: one thread, no sampling) and write
+def write_t5_tokenizer(folder: str | Path, vocab_size: int = T5_SPIECE_SIZE, model_max_length: int = 512,
+                       corpus: list[str] = CORPUS) -> Path:
+    """Train a tiny SentencePiece unigram model on `corpus` (lines; default CORPUS; deterministic: one thread, no sampling) and write
     the `tokenizer_2/` files: spiece.model, tokenizer_config.json, special_tokens_map.json.
 
     `vocab_size` is the number of pieces in spiece.model (the real one has 32,000); the tokenizer adds 100
@@ -224,7 +225,7 @@ def write_t5_tokenizer(folder: str | Path, vocab_size: int = T5_SPIECE_SIZE, mod
     model = io.BytesIO()
     with open(os.devnull, "w") as quiet:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(CORPUS), model_writer=model, logstream=quiet,
+            sentence_iterator=iter(corpus), model_writer=model, logstream=quiet,
             model_type="unigram", vocab_size=vocab_size, character_coverage=1.0,
             normalization_rule_name="nmt_nfkc", num_threads=1, input_sentence_size=0,
             shuffle_input_sentence=False, hard_vocab_limit=True, byte_fallback=False,

@@ -1,0 +1,117 @@
+"""Range and finiteness checks of user options: pure functions, each raising one ValueError naming the option.
+
+    validate.generate_args(height, width, steps, guidance, seed, num_images)   # Pipeline.generate and the CLI
+    validate.number("lambda_ref", x, lo=0, lo_open=True, hi=100)                 # one option
+    validate.finite_tensor("latents", z)                                         # NaN/Inf is an error
+
+The CLI runs the same checks before any model loads, so a bad value costs nothing.
+"""
+from __future__ import annotations
+
+import math
+import os
+from numbers import Integral, Real
+
+import torch
+from torch import Tensor
+
+MAX_SIDE = 16384        # pixels per side (FLUX.1 is trained up to ~2 MP; 16384² is 1M tokens)
+MAX_STEPS = 1000
+MAX_IMAGES = 256
+MAX_GUIDANCE = 100.0
+MAX_LAMBDA = 100.0
+SEED_END = 2 ** 64      # seeds lie in [0, 2^64): torch.Generator.manual_seed's range
+
+
+def integer(name: str, x, lo: int | None = None, hi: int | None = None) -> int:
+    """x as an int in [lo, hi] (bools and floats are refused: `steps=2.5` is a mistake, not 2)."""
+    if isinstance(x, bool) or not isinstance(x, Integral):
+        raise TypeError(f"{name} must be an integer, got {type(x).__name__} {x!r}")
+    x = int(x)
+    if lo is not None and x < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {x}")
+    if hi is not None and x > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {x}")
+    return x
+
+
+def number(name: str, x, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    """x as a finite float in [lo, hi] ((lo, hi] with lo_open); a 1-element tensor counts as a number."""
+    if isinstance(x, Tensor) and x.numel() == 1:
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__} {x!r}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} is {x}")
+    if (lo is not None and (x < lo or (lo_open and x == lo))) or (hi is not None and x > hi):
+        raise ValueError(f"{name} must lie in {'(' if lo_open else '['}{lo if lo is not None else '-inf'}, "
+                         f"{hi if hi is not None else 'inf'}], got {x:g}")
+    return x
+
+
+def seed(x) -> None:
+    """An int or a list of ints in [0, 2^64) (torch.Generators, diffusers' `generator=`, pass as they are)."""
+    for s in (x if isinstance(x, (list, tuple)) else [x]):
+        if not isinstance(s, torch.Generator):
+            integer("seed", s, 0, SEED_END - 1)
+
+
+def finite_tensor(name: str, t) -> Tensor:
+    """A tensor without NaN/Inf ("latents holds NaN or Inf")."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or Inf")
+    return t
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def image_size(height, width, batch: int = 1, what: str = "") -> tuple[int, int]:
+    """Positive multiples of 16 up to MAX_SIDE, whose batch of decoded fp32 images fits in host memory."""
+    h = integer(f"{what}height", height, 16, MAX_SIDE)
+    w = integer(f"{what}width", width, 16, MAX_SIDE)
+    if h % 16 or w % 16:
+        raise ValueError(f"{what}height and {what}width must be multiples of 16, got {h}x{w} (HxW)")
+    need = batch * 3 * h * w * 4  # the decoded fp32 images alone; latents and activations come on top
+    if need > _memory_bytes():
+        raise ValueError(f"{batch} image(s) of {h}x{w} need {need / 2**30:.1f} GiB for the decoded pixels alone, "
+                         f"more than this machine's memory ({_memory_bytes() / 2**30:.1f} GiB): lower the size "
+                         "or --num-images")
+    return h, w
+
+
+def generate_args(height, width, steps, guidance, seed_, num_images, batch: int = 1) -> None:
+    """The options every sampling entry point shares; `batch` = prompts per call (the images are batch x num)."""
+    integer("num_images", num_images, 1, MAX_IMAGES)
+    if height is not None or width is not None:
+        image_size(height, width, batch * num_images)
+    if steps is not None:
+        integer("steps", steps, 1, MAX_STEPS)
+    if guidance is not None:
+        number("guidance", guidance, 0.0, MAX_GUIDANCE)
+    seed(seed_)
+
+
+def device(name) -> torch.device:
+    """A torch device that exists here: 'cpu', 'cuda', 'cuda:1', 'mps' (one line naming what is wrong)."""
+    try:
+        d = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine (use --device cpu)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r}: MPS is not available on this machine")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r}: minidit runs on cpu, cuda or mps")
+    return d

@@ -1,0 +1,270 @@
+"""What a model does in the procedural world, measured against its ground truth (weights/world.py), never by eye.
+
+Each function generates with a `Pipeline` and returns plain numbers; bench/quality.py prints and records them and
+tests/test_trained.py holds the built-in model to them. All evaluation scenes come from seeds disjoint from the
+training stream (weights/train_tiny.py draws scenes from `random.Random(seed + 2)`, these from 10_000 + ...).
+
+    t2i          attribute accuracy (colour, shape, position, background) of images generated from captions
+    personalize  subject fidelity: PSNR inside the subject mask against the reference, method vs plain generation
+                 with the same caption; prompt adherence: the new background's colour is the one asked for
+    inpaint      PSNR of the preserved region against the input; the new object's colour in the edit region
+    outpaint     PSNR of the pasted image; the new border's colour
+    freecus      subject fidelity: does the generated object have the reference's colour (the prompt names only
+                 its shape) and how close is its aligned crop (PSNR inside the union of both masks)
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from . import world
+
+SIZE = 256
+EVAL_SEED = 10_000
+
+
+def eval_scenes(n: int, seed: int = 0, textured: bool | None = None) -> list[world.Scene]:
+    """n single-object scenes on flat backgrounds (what the detectors read reliably), from an evaluation stream."""
+    rng = random.Random(EVAL_SEED + seed)
+    out = []
+    while len(out) < n:
+        s = world.sample_scene(rng, n_objects=1)
+        sub = s.objects[0].subject
+        if textured is not None and (sub.texture != "plain") != textured:
+            continue
+        out.append(replace(s, background="flat", bg2=""))
+    return out
+
+
+def as_array(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """PSNR in dB of uint8 images over the pixels where `mask` (H, W) is true (all when None)."""
+    d = (a.astype(np.float64) - b.astype(np.float64)) ** 2
+    d = d[mask] if mask is not None else d.reshape(-1, 3)
+    mse = max(d.mean(), 1e-10)
+    return float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def cfg_kwargs(pipe, true_cfg: float) -> dict:
+    """True CFG with the empty negative prompt, when the pipeline has it and the model is not guidance-distilled."""
+    if true_cfg <= 1 or pipe.variant == "dev":
+        return {}
+    return {"negative_prompt": "", "true_cfg_scale": true_cfg}
+
+
+# ------------------------------------------------------------------------------------------- text to image
+def attributes(image, scene: world.Scene) -> dict[str, bool]:
+    """Which attributes of `scene` the image shows (colour, shape, position of its one object; background)."""
+    want = scene.objects[0]
+    got = world.detect_object(as_array(image))
+    if got is None:
+        return {"colour": False, "shape": False, "position": False, "background": False}
+    return {"colour": got["colour"] == want.subject.colour, "shape": got["shape"] == want.subject.shape,
+            "position": got["position"] == want.position, "background": got["background"] == scene.bg}
+
+
+def t2i(pipe, n: int = 32, seed: int = 0, steps: int | None = None, true_cfg: float = 4.0,
+        batch: int = 16) -> dict[str, float]:
+    """Attribute accuracy of generated images for n evaluation captions (and of the renderer's own images)."""
+    scenes = eval_scenes(n, seed)
+    gen = {"colour": 0, "shape": 0, "position": 0, "background": 0}
+    ref = dict(gen)
+    for i in range(0, n, batch):
+        chunk = scenes[i:i + batch]
+        images = pipe.generate([world.caption(s) for s in chunk], height=SIZE, width=SIZE, steps=steps,
+                               seed=[seed * 1000 + i + j for j in range(len(chunk))], **cfg_kwargs(pipe, true_cfg))
+        for s, im in zip(chunk, images):
+            for k, v in attributes(im, s).items():
+                gen[k] += v
+            for k, v in attributes(world.render(s, SIZE), s).items():
+                ref[k] += v
+    out = {f"{k}": gen[k] / n for k in gen}
+    out.update({f"{k}_renderer": ref[k] / n for k in ref})
+    out["mean"] = float(np.mean([gen[k] / n for k in gen]))
+    return out
+
+
+CHANCE = {"colour": 1 / (len(world.COLOURS) - 1), "shape": 1 / len(world.SHAPES),
+          "position": 1 / len(world.POSITIONS), "background": 1 / (len(world.COLOURS) - 1)}
+
+
+# ------------------------------------------------------------------------------------------ personalization
+def subject_mask(scene: world.Scene, index: int = 0) -> np.ndarray:
+    return world.object_masks(scene, SIZE)[index] > 0.5
+
+
+def new_background(scene: world.Scene, rng: random.Random) -> world.Scene:
+    colours = [c for c in world.COLOURS if c not in (scene.bg, *(p.subject.colour for p in scene.objects))]
+    return replace(scene, bg=rng.choice(colours))
+
+
+def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(mask.astype(np.float32))
+
+
+def _shift(a: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """`a` moved by (dx, dy) pixels (what was at (x, y) is now at (x + dx, y + dy)); the caller keeps the content
+    inside the canvas, so nothing that matters wraps around."""
+    return np.roll(a, (dy, dx), axis=(0, 1))
+
+
+def _offset_for(p: world.Placed) -> tuple[int, int]:
+    """A 16-pixel-aligned move that takes a subject to the other side (centre: to the right)."""
+    step = 112
+    return {"on the left": (step, 0), "on the right": (-step, 0), "at the top": (0, step),
+            "at the bottom": (0, -step), "in the centre": (64, 0)}[p.position]
+
+
+def _moved(scene: world.Scene, dx: int, dy: int) -> world.Scene:
+    p = scene.objects[0]
+    cx, cy = p.cx + dx / SIZE, p.cy + dy / SIZE
+    pos = min(world.POSITIONS, key=lambda k: (world.POSITIONS[k][0] - cx) ** 2 + (world.POSITIONS[k][1] - cy) ** 2)
+    return world.moved(scene, 0, cx=cx, cy=cy, position=pos)
+
+
+def personalize(pipe, n: int = 8, seed: int = 0, mode: str = "in place", steps: int | None = None,
+                true_cfg: float = 4.0, **method) -> dict[str, float]:
+    """Personalize Anything against plain generation with the same caption. mode: "in place", "offset" (the
+    subject moved to the other side), "multi" (two references, left and right), "scene" (a subject and a scene
+    reference). Returns mean PSNR in the subject region(s) for both, and how often the background is right."""
+    from minidit.masks import Reference
+    rng = random.Random(EVAL_SEED + 500 + seed)
+    fid, fid_plain, bg_ok, bg_plain, scene_psnr = [], [], [], [], []
+    for i, s in enumerate(eval_scenes(n, seed + 1, textured=True)):
+        ref_img, mask = world.render(s, SIZE), subject_mask(s)
+        refs = [Reference(ref_img, _mask_tensor(mask))]
+        kw, pairs = {}, [(as_array(ref_img), mask, 0, 0)]
+        target = new_background(s, rng)
+        if mode == "offset":
+            dx, dy = _offset_for(s.objects[0])
+            target, kw["placement"] = _moved(target, dx, dy), (dx, dy)
+            pairs = [(as_array(ref_img), mask, dx, dy)]
+        elif mode == "multi":
+            sa = world.moved(s, 0, cx=0.28, cy=0.5, position="on the left", size="small")
+            other = world.sample_subject(rng, avoid=(sa.objects[0].subject.colour, sa.bg))
+            sb = replace(sa, objects=(world.place(other, "on the right", "small"),))
+            refs, pairs = [], []
+            for sc in (sa, sb):
+                im, m = world.render(sc, SIZE), subject_mask(sc)
+                refs.append(Reference(im, _mask_tensor(m)))
+                pairs.append((as_array(im), m, 0, 0))
+            target = new_background(replace(sa, objects=sa.objects + sb.objects), rng)
+        elif mode == "scene":
+            backdrop = replace(target, objects=(), background="ground",
+                               bg2=rng.choice([c for c in world.COLOURS if c not in (target.bg, s.objects[0].subject.colour)]))
+            target = replace(backdrop, objects=s.objects)
+            scene_img = world.render(backdrop, SIZE)
+            kw["scene"] = Reference(scene_img, None)
+        prompt = world.caption(target)
+        common = dict(height=SIZE, width=SIZE, steps=steps, seed=seed * 100 + i)
+        out = as_array(pipe.personalize(prompt, refs if len(refs) > 1 else refs[0], **kw, **common, **method)[0])
+        plain = as_array(pipe.generate(prompt, **common, **cfg_kwargs(pipe, true_cfg))[0])
+        for im, m, dx, dy in pairs:
+            fid.append(psnr(_shift(out, -dx, -dy), im, m))
+            fid_plain.append(psnr(_shift(plain, -dx, -dy), im, m))
+        bg_ok.append(world.detect_background(out) == target.bg)
+        bg_plain.append(world.detect_background(plain) == target.bg)
+        if mode == "scene":
+            keep = ~np.any([_shift(m, dx, dy) for _, m, dx, dy in pairs], axis=0)
+            scene_psnr.append(psnr(out, as_array(scene_img), keep))
+    res = {"psnr": float(np.mean(fid)), "psnr_plain": float(np.mean(fid_plain)),
+           "background": float(np.mean(bg_ok)), "background_plain": float(np.mean(bg_plain))}
+    if mode == "scene":
+        res.update(scene_psnr=float(np.mean(scene_psnr)))
+        res.pop("background"), res.pop("background_plain")
+    return res
+
+
+def inpaint(pipe, n: int = 8, seed: int = 0, steps: int | None = None, **method) -> dict[str, float]:
+    """Repaint the box around the object with a new object of another colour (same shape and place): PSNR of
+    everything outside the box against the input, and how often the new region has the asked colour."""
+    rng = random.Random(EVAL_SEED + 700 + seed)
+    keep_psnr, colour_ok = [], []
+    for i, s in enumerate(eval_scenes(n, seed + 2)):
+        image = world.render(s, SIZE)
+        p = s.objects[0]
+        r = world.SIZES[p.size] * SIZE * 1.2
+        x0, y0 = int(max(0, p.cx * SIZE - r)) // 16 * 16, int(max(0, p.cy * SIZE - r)) // 16 * 16
+        x1, y1 = min(SIZE, -(-int(p.cx * SIZE + r) // 16) * 16), min(SIZE, -(-int(p.cy * SIZE + r) // 16) * 16)
+        colour = rng.choice([c for c in world.COLOURS if c not in (s.bg, p.subject.colour)])
+        target = world.moved(s, 0, subject=replace(p.subject, colour=colour))
+        out = as_array(pipe.inpaint(image, (x0, y0, x1 - x0, y1 - y0), world.caption(target), steps=steps,
+                                    seed=seed * 100 + i, **method)[0])
+        keep = np.ones((SIZE, SIZE), bool)
+        keep[y0:y1, x0:x1] = False
+        keep_psnr.append(psnr(out, as_array(image), keep))
+        region = out[y0:y1, x0:x1]
+        fg = world.foreground(region, s.bg)
+        got = list(world.COLOURS)[np.bincount(world.nearest_colour(region[fg]), minlength=8).argmax()] if fg.sum() else None
+        colour_ok.append(got == colour)
+    return {"psnr_kept": float(np.mean(keep_psnr)), "colour": float(np.mean(colour_ok))}
+
+
+def outpaint(pipe, n: int = 8, seed: int = 0, steps: int | None = None, **method) -> dict[str, float]:
+    """Extend the centre 128x128 crop of a scene (its object in the middle) to 256x256: PSNR of the pasted crop,
+    and how often the new border has the background colour the prompt asks for."""
+    keep_psnr, bg_ok = [], []
+    for i, s in enumerate(eval_scenes(n, seed + 3)):
+        s = world.moved(s, 0, cx=0.5, cy=0.5, position="in the centre", size="small")
+        full = as_array(world.render(s, SIZE))
+        crop = full[64:192, 64:192]
+        from PIL import Image
+        out = as_array(pipe.outpaint(Image.fromarray(crop), world.caption(s), (SIZE, SIZE), steps=steps,
+                                     seed=seed * 100 + i, **method)[0])
+        keep_psnr.append(psnr(out[64:192, 64:192], crop))
+        bg_ok.append(world.detect_background(out) == s.bg)
+    return {"psnr_kept": float(np.mean(keep_psnr)), "background": float(np.mean(bg_ok))}
+
+
+def _aligned_psnr(out: np.ndarray, ref: np.ndarray, ref_mask: np.ndarray, bg: str) -> float:
+    """PSNR of the generated object's bounding-box crop, resized onto the reference object's box, inside the
+    reference mask (0 dB-ish when nothing was generated)."""
+    from PIL import Image
+    fg = world.foreground(out, bg)
+    if fg.sum() < 50:
+        return psnr(np.zeros_like(ref), ref, ref_mask)
+    ys, xs = np.nonzero(fg)
+    ry, rx = np.nonzero(ref_mask)
+    crop = Image.fromarray(out[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+    h, w = ry.max() + 1 - ry.min(), rx.max() + 1 - rx.min()
+    fit = np.asarray(crop.resize((w, h), Image.BILINEAR))
+    return psnr(fit, ref[ry.min():ry.max() + 1, rx.min():rx.max() + 1],
+                ref_mask[ry.min():ry.max() + 1, rx.min():rx.max() + 1])
+
+
+def freecus(pipe, n: int = 8, seed: int = 0, steps: int | None = None, caption: bool = True, plain: bool = False,
+            true_cfg: float = 4.0, **method) -> dict[str, float]:
+    """FreeCus (or, with `plain`, plain generation of the same prompt): the reference subject moved to the other
+    side on a new background, the prompt naming only its shape (and, with `caption`, the subject's description
+    appended as FreeCus does). Returns how often the object has the reference's colour, the aligned PSNR, and
+    how often the background is the asked one."""
+    from minidit.masks import Reference
+    rng = random.Random(EVAL_SEED + 900 + seed)
+    colour_ok, fid, bg_ok = [], [], []
+    for i, s in enumerate(eval_scenes(n, seed + 4)):
+        ref_img, mask = world.render(s, SIZE), subject_mask(s)
+        p = s.objects[0]
+        dx, dy = _offset_for(p)
+        target = new_background(_moved(s, dx, dy), rng)
+        q = target.objects[0]
+        prompt = f"a {q.subject.shape} {q.position}, {world.describe_background(target)}"
+        cap = world.describe(replace(p, size="", position="")).strip() if caption else None
+        common = dict(height=SIZE, width=SIZE, steps=steps, seed=seed * 100 + i)
+        if plain:
+            from minidit.freecus import with_caption
+            out = pipe.generate(with_caption(prompt, cap), **common, **cfg_kwargs(pipe, true_cfg))[0]
+        else:
+            out = pipe.freecus(prompt, Reference(ref_img, _mask_tensor(mask), None), caption=cap, **common, **method)[0]
+        out = as_array(out)
+        got = world.detect_object(out, target.bg)
+        colour_ok.append(got is not None and got["colour"] == p.subject.colour)
+        fid.append(_aligned_psnr(out, as_array(ref_img), mask, target.bg))
+        bg_ok.append(world.detect_background(out) == target.bg)
+    return {"colour": float(np.mean(colour_ok)), "psnr_aligned": float(np.mean(fid)),
+            "background": float(np.mean(bg_ok))}

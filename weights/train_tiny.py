@@ -1,0 +1,327 @@
+"""Train the built-in tiny FLUX.1 on the procedural world (weights/world.py) on a CPU, then write it as a FLUX.1
+repository in the official layouts (BFL single files and diffusers folders), read by minidit and diffusers alike.
+
+    python -m minidit.weights.train_tiny --work /tmp/tiny-train --out weights/trained     # all stages, resumable
+    python -m minidit.weights.train_tiny --work /tmp/smoke --smoke                         # seconds: CI's smoke test
+
+Stages (each skipped when its output exists in --work; the DiT stage resumes from its last checkpoint):
+  text   the tokenizers and *frozen random* tiny T5 / CLIP in their Hugging Face layouts (fp16). Frozen random
+         encoders, not trained ones: FLUX itself trains its MMDiT against frozen encoders; a random T5 is still an
+         injective, contextual map of the caption's tokens, and the DiT's `txt_in` + joint attention learn to read
+         it. It keeps the recipe one stage shorter and the encoders exactly what the official loaders read. The T5
+         tokenizer is a SentencePiece model trained on the generic tiny corpus plus world captions, so the world's
+         words are single pieces; T5 gets 48 tokens (tokenizer_2's model_max_length, which minidit reads).
+  ae     the autoencoder in the FLUX layout (AutoEncoderConfig.tiny(): 16 latent channels, x8, widths 32/32/64/64),
+         on random crops (--crop, 96 px) of 256-pixel world images: L1 + MSE reconstruction + 1e-4 KL (per
+         element); the posterior starts narrow (log-variance bias -8) so its noise does not hide the latent. Then
+         --ae-full-steps on whole 256-pixel images: GroupNorm's statistics over a crop are not those of a whole
+         image, and a model trained only on crops shifts the colours of whole images.
+  data   N world scenes rendered at 256 and encoded (posterior mean) once; scale/shift factors measured on them
+         (shift = mean, scale = 1/std) and stored in vae/config.json and ae.safetensors' metadata.
+  dit    the MMDiT (FLUX layout, no guidance embedding: schnell-like, so the sampler uses true CFG) with FLUX's
+         rectified-flow objective: x_t = (1-t) x0 + t eps, target v = eps - x0; t logit-normal (SD3) then shifted
+         with FLUX.1-dev's mu for 256 tokens (mu = 0.5), the schedule it is sampled with. Captions leave out each
+         attribute with p = 0.15 and are dropped whole with p = 0.1 (the empty prompt), so classifier-free guidance
+         works. AdamW, warm-up then cosine, bf16 autocast with fp32 weights, EMA 0.999 (what is exported).
+  export the repository: flux1-schnell.safetensors + transformer/, ae.safetensors + vae/, text_encoder(_2)/,
+         tokenizer(_2)/, scheduler/ (dev-like dynamic shifting), model_index.json; all fp16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from minidit import sampling
+from minidit.autoencoder import AutoEncoder, AutoEncoderConfig
+from minidit.text_encoder import TextEncoder
+from minidit.transformer import Flux, FluxConfig
+
+from . import world
+from .tiny import MODEL_INDEX, SCHEDULERS
+from .tiny_ae import write_tiny_ae
+from .tiny_flux import save_bfl, save_diffusers
+from .tiny_text import CORPUS, write_clip_tokenizer, write_t5_tokenizer, write_tiny_clip, write_tiny_t5
+
+SIZE = 256            # pixels: 32x32 latents, a 16x16 token grid
+T5_LENGTH = 48
+DIT = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=32, hidden_size=128, mlp_ratio=4.0,
+                 num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), qkv_bias=True,
+                 guidance_embed=False)
+MU = sampling.calculate_mu((SIZE // 16) ** 2)   # 0.5: FLUX.1-dev's shift at 256 image tokens
+SCHEDULER = {**SCHEDULERS["dev"]}               # dynamic shifting, as it is trained
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def world_images(rng: random.Random, n: int, size: int = SIZE) -> tuple[list, torch.Tensor]:
+    """n scenes and their renders as (n, 3, size, size) in [-1, 1]."""
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    x = torch.stack([torch.from_numpy(np.asarray(world.render(s, size))) for s in scenes])
+    return scenes, x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def fp16_folder(folder: Path) -> None:
+    """Cast every safetensors file in `folder` to fp16 in place (text encoders are stored like the rest)."""
+    for f in folder.glob("*.safetensors"):
+        save_file({k: v.half().contiguous() for k, v in load_file(f).items()}, str(f), metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------------------------------------- stages
+def stage_text(repo: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    captions = [world.caption(world.sample_scene(rng), rng, 0.15) for _ in range(3000)]
+    write_clip_tokenizer(repo / "tokenizer")
+    write_t5_tokenizer(repo / "tokenizer_2", vocab_size=320, model_max_length=T5_LENGTH, corpus=list(CORPUS) + captions)
+    write_tiny_clip(repo / "text_encoder", seed=seed)
+    write_tiny_t5(repo / "text_encoder_2", seed=seed)
+    fp16_folder(repo / "text_encoder")
+    fp16_folder(repo / "text_encoder_2")
+
+
+def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, crop: int = 128, lr: float = 2e-3,
+             init: str | None = None, out: str = "ae_raw.safetensors") -> AutoEncoder:
+    """Train (or, from `init`, continue training) the autoencoder on `crop`-pixel crops; saves WORK/`out`."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed + 1 + (init is not None))
+    ae = AutoEncoder(AutoEncoderConfig.tiny())
+    if init is not None:
+        ae.load_state_dict(load_file(work / init))
+    else:
+        with torch.no_grad():  # start the posterior narrow (std e^-4), or its noise hides the latent from the decoder
+            ae.encoder.conv_out.bias[ae.cfg.z_channels:] = -8.0
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    _, pool = world_images(rng, 4 * batch)  # a pool of renders, two replaced per step, cropped at random
+    t0, avg = time.time(), None
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        pool[rng.randrange(len(pool))], pool[rng.randrange(len(pool))] = world_images(rng, 2)[1]
+        pick = torch.tensor(rng.sample(range(len(pool)), batch))
+        i, j = rng.randrange(0, SIZE - crop + 1, 8), rng.randrange(0, SIZE - crop + 1, 8)
+        x = pool[pick][:, :, i:i + crop, j:j + crop]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean, logvar = ae.encoder(x).float().chunk(2, dim=1)
+            z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)
+            y = ae.decoder(z).float()
+        rec = (y - x).abs().mean() + F.mse_loss(y, x)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+        loss = rec + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        avg = rec.item() if avg is None else 0.98 * avg + 0.02 * rec.item()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"ae step {step}/{steps} rec {avg:.4f} kl {kl.item():.3f} ({time.time() - t0:.0f} s)")
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(work / out),
+              metadata={"final_rec": f"{avg:.5f}", "steps": str(steps)})
+    return ae
+
+
+@torch.no_grad()
+def stage_data(work: Path, n: int, seed: int) -> None:
+    ae = AutoEncoder(AutoEncoderConfig.tiny())
+    ae.load_state_dict(load_file(work / "ae_full.safetensors"))
+    rng = random.Random(seed + 2)
+    scenes, means, t0 = [], [], time.time()
+    for start in range(0, n, 32):
+        s, x = world_images(rng, min(32, n - start))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            means.append(ae.encoder(x).float().chunk(2, dim=1)[0])
+        scenes += s
+        if start % 640 == 0:
+            log(f"data {start}/{n} ({time.time() - t0:.0f} s)")
+    z = torch.cat(means)
+    shift, std = z.mean().item(), z.std().item()
+    cfg = replace(AutoEncoderConfig.tiny(), scale_factor=1.0 / std, shift_factor=shift)
+    latents = ((z - shift) / std).half().contiguous()
+    save_file({"latents": latents}, str(work / "latents.safetensors"),
+              metadata={"scale_factor": repr(cfg.scale_factor), "shift_factor": repr(cfg.shift_factor)})
+    (work / "scenes.json").write_text(json.dumps([asdict(s) for s in scenes]))
+    log(f"data done: {n} latents, shift {shift:.4f}, scale {1 / std:.4f}")
+
+
+def scene_from_dict(d: dict) -> world.Scene:
+    objs = tuple(world.Placed(world.Subject(**o["subject"]), o["size"], o["position"], o["cx"], o["cy"])
+                 for o in d["objects"])
+    return world.Scene(objs, d["background"], d["bg"], d["bg2"])
+
+
+def init_dit(cfg: FluxConfig, seed: int) -> Flux:
+    """PyTorch's default init, with adaLN-Zero: every modulation and the final projection start at zero, so each
+    block starts as the identity (DiT, Peebles & Xie 2023)."""
+    torch.manual_seed(seed)
+    model = Flux(cfg)
+    for name, p in model.named_parameters():
+        if "modulation" in name or name.startswith("final_layer.linear"):
+            torch.nn.init.zeros_(p)
+    return model
+
+
+def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr: float = 5e-4,
+              ckpt_every_s: float = 300.0, minutes: float | None = None) -> None:
+    """`minutes`: instead of a step count, time the first 20 steps and fix the total that fits (logged and
+    stored in the checkpoint, so `--dit-steps N` reproduces the run)."""
+    latents = load_file(work / "latents.safetensors")["latents"]
+    scenes = [scene_from_dict(d) for d in json.loads((work / "scenes.json").read_text())]
+    text = TextEncoder.load(repo, device="cpu", dtype=torch.float32, max_length=T5_LENGTH)
+    model, ckpt = init_dit(DIT, seed), work / "dit.safetensors"
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    start = 0
+    if ckpt.exists():
+        start, steps = load_checkpoint(ckpt, model, ema, opt)
+        log(f"dit resumed at step {start} of {steps}")
+        minutes = None
+    g = torch.Generator().manual_seed(seed + start)
+    rng = random.Random(seed * 7919 + start)
+    img_ids = sampling.image_ids(batch, SIZE, SIZE)
+    t0, last_ckpt, avg = time.time(), time.time(), None
+    step = start
+    while step < steps:
+        if minutes is not None and step == start + 20:
+            rate = (time.time() - t0) / 20
+            steps = max(start + 21, int(minutes * 60 / rate))
+            log(f"dit: {rate:.2f} s/step -> {steps} steps in {minutes} minutes")
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        idx = torch.randint(len(scenes), (batch,), generator=g)
+        caps = ["" if rng.random() < 0.1 else world.caption(scenes[i], rng, 0.15) for i in idx.tolist()]
+        with torch.no_grad():
+            txt, vec = text.encode(caps)
+        x0 = sampling.pack(latents[idx].float())
+        t = sampling.time_shift(MU, torch.sigmoid(torch.randn(batch, generator=g))).float()
+        eps = torch.randn(x0.shape, generator=g)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = model(xt, img_ids, txt, sampling.text_ids(batch, txt.shape[1]), t, vec)
+        loss = F.mse_loss(v.float(), eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for k, p in model.state_dict().items():
+                ema[k].lerp_(p, 1 - min(0.999, (1 + step) / (10 + step)))
+        avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"dit step {step}/{steps} loss {avg:.4f} ({time.time() - t0:.0f} s)")
+        if time.time() - last_ckpt > ckpt_every_s or step == steps - 1:
+            save_checkpoint(ckpt, model, ema, opt, step + 1, steps, avg)
+            last_ckpt = time.time()
+        step += 1
+
+
+def save_checkpoint(path: Path, model, ema, opt, step: int, steps: int, loss: float) -> None:
+    """Model, EMA and AdamW moments in one safetensors file (no pickle), written atomically."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    for i, st in opt.state_dict()["state"].items():
+        tensors[f"opt.{i}.exp_avg"], tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg"], st["exp_avg_sq"]
+        tensors[f"opt.{i}.step"] = st["step"].reshape(1).float()
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step), "steps": str(steps),
+                                                        "loss": f"{loss:.5f}"})
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, model, ema, opt) -> tuple[int, int]:
+    """Restore model, EMA and AdamW state; -> (steps done, total steps of the run)."""
+    from safetensors import safe_open
+    sd = load_file(path)
+    model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
+    for k in ema:
+        ema[k].copy_(sd[f"ema.{k}"])
+    state = opt.state_dict()
+    for i, p in enumerate(model.parameters()):
+        if f"opt.{i}.exp_avg" in sd:
+            state["state"][i] = {"exp_avg": sd[f"opt.{i}.exp_avg"], "exp_avg_sq": sd[f"opt.{i}.exp_avg_sq"],
+                                 "step": sd[f"opt.{i}.step"][0].clone()}
+    opt.load_state_dict(state)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    return int(meta["step"]), int(meta["steps"])
+
+
+def stage_export(work: Path, repo: Path, out: Path) -> Path:
+    """Write the FLUX.1 repository to `out` (replacing it): every file fp16, both layouts."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(repo, tmp)
+    from safetensors import safe_open
+    with safe_open(str(work / "latents.safetensors"), "pt") as f:
+        meta = f.metadata()
+    ae_cfg = replace(AutoEncoderConfig.tiny(), scale_factor=float(meta["scale_factor"]),
+                     shift_factor=float(meta["shift_factor"]))
+    ae_sd = {k: v.half() for k, v in load_file(work / "ae_full.safetensors").items()}
+    write_tiny_ae(tmp / "ae.safetensors", ae_cfg, sd=ae_sd)
+    write_tiny_ae(tmp / "vae", ae_cfg, layout="diffusers", sd=ae_sd)
+    sd = load_file(work / "dit.safetensors")
+    dit = {k[4:]: v.half().contiguous() for k, v in sd.items() if k.startswith("ema.")}
+    save_bfl(dit, DIT, tmp / "flux1-schnell.safetensors")
+    save_diffusers(dit, DIT, tmp / "transformer")
+    (tmp / "scheduler").mkdir(exist_ok=True)
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", required=True, help="working folder (stages resume from it)")
+    ap.add_argument("--out", default=None, help="where to write the finished repository (default: WORK/repo-final)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ae-steps", type=int, default=400)
+    ap.add_argument("--ae-full-steps", type=int, default=200, help="autoencoder steps on whole images, after --ae-steps on crops")
+    ap.add_argument("--crop", type=int, default=96, help="autoencoder training crop (pixels)")
+    ap.add_argument("--images", type=int, default=4000, help="world images encoded for the DiT")
+    ap.add_argument("--dit-steps", type=int, default=2500)
+    ap.add_argument("--dit-minutes", type=float, default=None, help="fit the step count to this budget instead")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.ae_steps, args.images, args.dit_steps, args.batch = 3, 64, 6, 4
+    work = Path(args.work)
+    repo = work / "repo"
+    work.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (repo / "text_encoder_2").exists():
+        log("stage text")
+        stage_text(repo, args.seed)
+    if not (work / "ae_raw.safetensors").exists():
+        log("stage ae")
+        stage_ae(work, args.ae_steps, args.seed, batch=2 if args.smoke else 8, crop=64 if args.smoke else args.crop)
+    if not (work / "ae_full.safetensors").exists():
+        # GroupNorm statistics of crops are not those of whole images: finish on whole images
+        log("stage ae (whole images)")
+        stage_ae(work, 3 if args.smoke else args.ae_full_steps, args.seed, batch=2 if args.smoke else 4,
+                 crop=SIZE, lr=1e-3, init="ae_raw.safetensors", out="ae_full.safetensors")
+    if not (work / "latents.safetensors").exists():
+        log("stage data")
+        stage_data(work, args.images, args.seed)
+    log("stage dit")
+    stage_dit(work, repo, args.dit_steps, args.seed, batch=args.batch, minutes=args.dit_minutes)
+    out = stage_export(work, repo, Path(args.out) if args.out else work / "repo-final")
+    log(f"exported {out}")
+
+
+if __name__ == "__main__":
+    main()
