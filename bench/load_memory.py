@@ -1,9 +1,10 @@
 """Peak host memory of loading a transformer checkpoint (streamed from the memory-mapped file).
 
-    python bench/load_memory.py [--hidden 1536] [--depth 8] [--single 16] [--dtype bf16] [--record]
+    python bench/load_memory.py [--hidden 1536] [--depth 8] [--single 16] [--dtype bf16] [--layout diffusers] [--record]
     python bench/load_memory.py --mmap [--record]   # copy-on-load (default) vs MINIDIT_MMAP=1, side by side
 
-Writes a random BFL-layout checkpoint of the given size, then loads it in a fresh process and reports the
+Writes a random checkpoint of the given size (BFL single file, or the diffusers `transformer/` folder, whose
+q/k/v and MLP-in tensors are fused into BFL's on load), then loads it in a fresh process and reports the
 process's peak resident memory (VmHWM) and its anonymous part, next to the file size. Loading must not need
 a second full copy: peak anonymous memory ≈ one model (the loaded weights) + one tensor. File pages read
 through the memory map show up as file-backed RSS (page cache, reclaimable), so they are reported apart.
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--compute", default=None, choices=["bfloat16", "float32", "float16"], help="load into (default: stored)")
     ap.add_argument("--mmap", action="store_true", help="compare the default copy-on-load with MINIDIT_MMAP=1 "
                     "(weights kept as views of the mapped file), same checkpoint, one run")
+    ap.add_argument("--layout", default="bfl", choices=["bfl", "diffusers"])
     ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
     a = ap.parse_args()
 
@@ -63,9 +65,9 @@ def main() -> None:
     cfg = FluxConfig(hidden_size=a.hidden, num_heads=a.heads, depth=a.depth, depth_single_blocks=a.single,
                      axes_dim=axes)
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "flux1-bench.safetensors"
-        write_tiny_flux(path, cfg, dtype=getattr(torch, a.dtype))
-        size = path.stat().st_size
+        path = Path(d) / ("flux1-bench.safetensors" if a.layout == "bfl" else "transformer")
+        write_tiny_flux(path, cfg, dtype=getattr(torch, a.dtype), layout=a.layout)
+        size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.glob("*.safetensors")))
         env = dict(os.environ, OMP_NUM_THREADS="1")
         if a.mmap:
             return compare_mmap(a, path, size, env)
@@ -82,7 +84,7 @@ def main() -> None:
         ("  of which anonymous (private copies)", gib(r["touched"]["RssAnon"] - r["before"]["RssAnon"])),
         ("  of which file-backed (mmap page cache)", gib(r["touched"]["RssFile"] - r["before"]["RssFile"])),
     ]
-    print(f"device: CPU (host memory), stored {a.dtype} -> compute {a.compute or a.dtype}, {cfg.hidden_size} wide, {cfg.depth}+{cfg.depth_single_blocks} blocks")
+    print(f"device: CPU (host memory), {a.layout} layout, stored {a.dtype} -> compute {a.compute or a.dtype}, {cfg.hidden_size} wide, {cfg.depth}+{cfg.depth_single_blocks} blocks")
     for name, v in rows:
         print(f"  {name:<48} {v:7.2f} GiB")
     ratio = (r["touched"]["VmHWM"] - base) / r["model_bytes"]
@@ -92,7 +94,7 @@ def main() -> None:
         from common import record
         table = "\n".join(f"| {name} | {v:.2f} |" for name, v in rows)
         record("Loading memory (bench/load_memory.py)",
-               f"### Transformer loading, host memory (stored {a.dtype} -> {a.compute or a.dtype}, "
+               f"### Transformer loading, host memory ({a.layout} layout, stored {a.dtype} -> {a.compute or a.dtype}, "
                f"{size / 2**30:.2f} GiB file)\n\n| quantity | GiB |\n|---|---|\n{table}\n"
                f"| peak RSS / loaded model size | {ratio:.2f}x |")
 

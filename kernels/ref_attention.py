@@ -23,6 +23,8 @@ How the kernel works:
 - inside a visited block, masked-out tokens are loaded as zeros (predicated loads): that is exactly K⊙m, V⊙m
   for "zero" mode; "exclude" also sets their logits to -inf. Garbage (even NaN) in masked-out reference tokens
   therefore never reaches the output.
+- no row is ever fully masked: the joint keys must not be empty (a ValueError, as in the other backends), and
+  they always count, so an item whose reference mask is all False is plain attention over the joint keys.
 """
 from __future__ import annotations
 
@@ -301,7 +303,7 @@ def ref_attention(
     Lk = k.shape[2]
     if Lk == 0:
         raise ValueError("k/v hold no tokens: the joint keys must not be empty")
-    if not isinstance(n_txt, int) or not 0 <= n_txt <= Lk:
+    if isinstance(n_txt, bool) or not isinstance(n_txt, int) or not 0 <= n_txt <= Lk:
         raise ValueError(f"n_txt must be an int in [0, Lk={Lk}], got {n_txt!r}")
     if (ref_k is None) != (ref_v is None):
         raise ValueError("pass both ref_k and ref_v, or neither")

@@ -7,6 +7,9 @@ from .clip import CLIPTextConfig, CLIPTextEncoder  # noqa: E402
 from .loading import CheckpointError  # noqa: E402
 from .masks import Reference  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
+from .freecus import FreeCusSettings  # noqa: E402
+from .personalize import EditSettings, PersonalizeSettings  # noqa: E402
+from .presets import PRESET  # noqa: E402
 from .refstate import RefState  # noqa: E402
 from .t5 import T5Config, T5Encoder  # noqa: E402
 from .text_encoder import TextEncoder, load_clip, load_t5  # noqa: E402
@@ -16,4 +19,5 @@ from .transformer import Flux, FluxConfig, load_transformer  # noqa: E402
 __all__ = ["AutoEncoder", "AutoEncoderConfig", "load_autoencoder", "CLIPTextConfig",
            "CLIPTextEncoder", "CheckpointError", "Reference", "Pipeline", "RefState", "T5Config", "T5Encoder",
            "TextEncoder", "load_clip", "load_t5", "CLIPTokenizer", "T5Tokenizer", "Flux", "FluxConfig",
-           "load_transformer", "load_image", "load_mask", "pil_to_tensor", "tensor_to_pil"]
+           "load_transformer", "load_image", "load_mask", "pil_to_tensor", "tensor_to_pil",
+           "PersonalizeSettings", "EditSettings", "FreeCusSettings", "PRESET"]

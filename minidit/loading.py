@@ -13,12 +13,15 @@ Pickled checkpoints (.ckpt/.pt/.pth/.bin) are refused and never unpickled.
 What is read: only regular files (a FIFO or device is refused from its stat, never opened), and from a shard
 index only plain file names inside the index's folder (no "..", no separators, no absolute paths: the message
 never says whether such a path exists). Every floating tensor is checked finite as it streams in, and its kind
-(float vs integer/bool) against the model's. A weight that would stay a view of the memory-mapped file (same
-device and dtype) is copied, so truncating or rewriting the file later cannot change it or SIGBUS; set
-MINIDIT_MMAP=1 to keep the mapping instead (no extra resident memory; the file must then stay unchanged).
+(float vs integer/bool) against the model's. Tensors are read with plain file reads into memory the process
+owns (`LazyStateDict.read`; a fused diffusers q/k/v is read straight into its rows), never left as views of the
+memory-mapped file, so truncating or rewriting the file later cannot change them or SIGBUS, and no page of the
+file stays mapped beside them: peak host memory is one model plus one tensor. Set MINIDIT_MMAP=1 to keep the
+mapping instead (weights stay views of the file's pages, which must then stay unchanged).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -89,6 +92,7 @@ class LazyStateDict(Mapping):
         self.files = [Path(f) for f in files]
         self._where: dict[str, int] = {}  # key -> index into self._handles
         self._handles = []
+        self._offset_cache: dict[int, dict[str, tuple[int, int]]] = {}
         for i, f in enumerate(self.files):
             _check_file(f)
             try:
@@ -108,6 +112,37 @@ class LazyStateDict(Mapping):
             return self._handles[self._where[key]].get_tensor(key)
         except SafetensorError as e:
             raise CheckpointError(f"{self.files[self._where[key]]}: cannot read tensor {key!r} ({e})") from None
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `key` as an owned CPU tensor, read with plain file reads rather than through the memory map, so
+        no page of the file stays mapped (resident) in this process: `out` (contiguous, the stored dtype and
+        shape, e.g. a slice of a fused tensor) or a new tensor is the only copy."""
+        f = self.files[self._where[key]]
+        begin, end = self._offsets(self._where[key])[key]
+        if out is None:
+            out = torch.empty(self.shape(key), dtype=self.dtype(key))
+        if not out.is_contiguous() or out.dtype != self.dtype(key) or tuple(out.shape) != self.shape(key) \
+                or out.numel() * out.element_size() != end - begin:
+            raise CheckpointError(f"{f}: tensor {key!r} ({end - begin} bytes) does not fit {out.dtype} {tuple(out.shape)}")
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        with open(f, "rb", buffering=0) as fh:
+            fh.seek(begin)
+            while buf:
+                n = fh.readinto(buf)
+                if not n:
+                    raise CheckpointError(f"{f}: truncated while reading tensor {key!r}")
+                buf = buf[n:]
+        return out
+
+    def _offsets(self, i: int) -> dict[str, tuple[int, int]]:
+        """key -> (begin, end) byte offsets in file i, from its header (read once; safe_open has validated it)."""
+        if i not in self._offset_cache:
+            with open(self.files[i], "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            self._offset_cache[i] = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                                     for k, v in header.items() if k != "__metadata__"}
+        return self._offset_cache[i]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -155,7 +190,35 @@ class Converted(Mapping):
 
     def __getitem__(self, key):
         op, srcs = self.plan[key]
-        ts = [self.src[s] for s in srcs]
+        return self._apply(op, [self.src[s] for s in srcs])
+
+    def read(self, key, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`self[key]` as an owned tensor (into `out` if given) from plain file reads of a file-backed source
+        (`LazyStateDict.read`), with no transient copy: a fused ("cat") tensor is allocated once and each source
+        is read straight into its rows."""
+        op, srcs = self.plan[key]
+        if op == "copy":
+            return self.src.read(srcs[0], out)
+        if op != "cat":
+            t = self._apply(op, [self.src.read(srcs[0])])
+            return t if out is None else out.copy_(t)
+        if out is None:
+            out = torch.empty(self.shape(key), dtype=self.dtype(key))
+        row = 0
+        for s in srcs:
+            part = out[row:row + _shape(self.src, s)[0]]
+            if self.src.dtype(s) == out.dtype:
+                self.src.read(s, part)
+            else:  # mixed stored dtypes: read, then cast into place
+                part.copy_(self.src.read(s))
+            row += part.shape[0]
+        return out
+
+    def dtype(self, key) -> torch.dtype:
+        return functools.reduce(torch.promote_types, (self.src.dtype(s) for s in self.plan[key][1]))
+
+    @staticmethod
+    def _apply(op: str, ts: list[torch.Tensor]) -> torch.Tensor:
         if op == "cat":
             return torch.cat(ts, dim=0)
         if op == "swap":
@@ -179,6 +242,13 @@ class Converted(Mapping):
 
     def __len__(self):
         return len(self.plan)
+
+
+def _reads_files(sd: Mapping) -> bool:
+    """Whether `sd` (a LazyStateDict, possibly under Converted views) can `read` its tensors from files."""
+    while isinstance(sd, Converted):
+        sd = sd.src
+    return isinstance(sd, LazyStateDict)
 
 
 def _shape(sd: Mapping, key: str) -> tuple[int, ...]:
@@ -240,6 +310,14 @@ def check_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tupl
     raise CheckpointError("\n".join(msg))
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in t. The sum is finite only if every element is (NaN and Inf propagate) and is ~20x cheaper
+    on the CPU than isfinite(t).all(); only a sum that overflows a finite tensor needs the exact check."""
+    if t.element_size() == 1:  # fp8: no sum kernels
+        t = t.to(torch.bfloat16)
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 MAX_CONFIG_INT = 1 << 24  # bigger than any width, depth or vocabulary of FLUX.1's components
 POSITIVE_FIELDS = ("eps", "scale_factor", "mlp_ratio", "theta")
 
@@ -287,9 +365,10 @@ def load_streaming(
     check_keys(expected, shapes, what, also_missing=getattr(sd, "missing", ()))
     device = torch.device(device)
     keep_mmap = os.environ.get("MINIDIT_MMAP", "") == "1"
+    owned = not keep_mmap and _reads_files(sd)  # plain file reads: owned copies, no mapped page stays resident
     tensors = {}
     for new, old in names.items():
-        src = sd[old]
+        src = sd.read(old) if owned else sd[old]
         if src.is_floating_point() != state[new].is_floating_point():
             raise CheckpointError(f"{what}: tensor {old!r} is {str(src.dtype).replace('torch.', '')} where the "
                                   f"model has {str(state[new].dtype).replace('torch.', '')}")
@@ -297,9 +376,10 @@ def load_streaming(
             t = src.to(device=device, dtype=dtype)
         else:
             t = src.to(device=device)
-        if not keep_mmap and t.device.type == "cpu" and t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+        if not (keep_mmap or owned) and t.device.type == "cpu" \
+                and t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
             t = t.clone()  # still a view of the mapped file: own it, so later changes to the file cannot reach it
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not _all_finite(t):
             cast = f" after the cast to {str(t.dtype).replace('torch.', '')}" if t.dtype != src.dtype else ""
             raise CheckpointError(f"{what}: tensor {old!r} holds NaN or Inf{cast}")
         tensors[new] = t

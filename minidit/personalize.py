@@ -116,7 +116,7 @@ import torch
 from torch import Tensor
 
 from . import sampling
-from .masks import (PATCH, Reference, augment_mask, box_mask, box_offset, image_tensor, load_reference, local_shuffle,
+from .masks import (PATCH, Reference, augment_mask, box_offset, image_tensor, load_reference, local_shuffle,
                     pixel_mask, pixels_to_tokens, require_nonempty, resize_image, token_indices, token_mask,
                     token_mask_rule, translate)
 from .presets import PRESET, Settings, check_choice

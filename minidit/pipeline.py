@@ -1,6 +1,6 @@
 """Text-to-image with FLUX.1: prompt -> (T5 states, CLIP vector) -> Euler flow matching -> autoencoder -> PIL.
 
-    pipe = Pipeline.load()                                   # the built-in tiny checkpoint (random weights: noise)
+    pipe = Pipeline.load()                                   # the built-in tiny model (trained on weights/world.py)
     pipe = Pipeline.load("black-forest-labs/FLUX.1-dev")     # from the local Hugging Face cache, offline
     pipe = Pipeline.load("/models/FLUX.1-schnell", offload=True)
     images = pipe.generate("a photo of a cat", height=1024, width=1024, seed=0)
@@ -26,7 +26,7 @@ from . import sampling, validate
 from .autoencoder import AutoEncoder, load_autoencoder
 from .image import load_image, pil_to_tensor, tensor_to_pil
 from .loading import CheckpointError, default_device_dtype
-from .text_encoder import TextEncoder
+from .text_encoder import TextEncoder, tokenizer_max_length
 from .transformer import Flux, find_transformer, load_transformer
 from . import freecus as _freecus, personalize as _personalize  # noqa: E402  (entry points)
 
@@ -83,7 +83,7 @@ def resolve_weights(path: str | Path) -> Path:
                 return _snapshot(d / name)
         raise CheckpointError(f"{path!r} is not in the local Hugging Face cache (looked in "
                               f"{', '.join(str(d) for d in hf_cache_dirs())}); minidit never downloads: "
-                              f"run `huggingface-cli download {path}` or pass a folder")
+                              f"run `hf download {path}` or pass a folder")
     raise CheckpointError(f"weights not found: {path}")
 
 
@@ -158,8 +158,8 @@ class Pipeline:
         on the CPU and moves one at a time to the GPU while it runs."""
         device, dtype = default_device_dtype(device, dtype)
         if path is None:
-            from .weights.tiny import tiny_repo
-            root, name = tiny_repo(), "minidit-tiny (random weights)"
+            from .weights.tiny import TRAINED_NAME, builtin_repo
+            root, name = builtin_repo(), TRAINED_NAME
         else:
             root, name = resolve_weights(path), str(path)
         paths = WeightPaths.find(root, **files)
@@ -167,7 +167,9 @@ class Pipeline:
         transformer = load_transformer(paths.transformer, home, dtype)
         variant = "dev" if transformer.cfg.guidance_embed else "schnell"
         text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
-        text = TextEncoder.load(root, device=home, dtype=text_dtype, max_length=T5_MAX_LENGTH[variant],
+        # T5 length: FLUX's 512 (dev) / 256 (schnell), or less when the tokenizer says so (the tiny trained model)
+        t5_length = min(T5_MAX_LENGTH[variant], tokenizer_max_length(paths.tokenizer_2) or 512)
+        text = TextEncoder.load(root, device=home, dtype=text_dtype, max_length=t5_length,
                                 clip=paths.text_encoder, t5=paths.text_encoder_2,
                                 clip_tokenizer=paths.tokenizer, t5_tokenizer=paths.tokenizer_2)
         ae = load_autoencoder(paths.ae, home, dtype)
@@ -205,7 +207,7 @@ class Pipeline:
         return txt, sampling.text_ids(txt.shape[0], txt.shape[1], self.device), vec
 
     def conditions(self, prompt: str | list[str], num_images: int = 1, negative_prompt: str | list[str] | None = None,
-                       true_cfg_scale: float = 1.0) -> tuple[tuple[Tensor, Tensor, Tensor], tuple | None]:
+                   true_cfg_scale: float = 1.0) -> tuple[tuple[Tensor, Tensor, Tensor], tuple | None]:
         """-> (txt, txt_ids, vec) with each prompt repeated `num_images` times (as diffusers), and the same for
         the negative prompt when true CFG is on (diffusers' rule: true_cfg_scale > 1 and a negative prompt,
         "" included), else None. A single negative prompt applies to every prompt."""

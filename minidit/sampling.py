@@ -161,9 +161,14 @@ class Progress:
         self.n += 1
         if self.enabled:
             dt = time.perf_counter() - self.t0
+            rate = f"{self.n}/{self.total} {self.n / max(dt, 1e-9):.2f} it/s"
+            if not sys.stderr.isatty():  # a log file or pipe: plain lines, about ten of them, no \r
+                if self.n == self.total or self.n % max(1, -(-self.total // 10)) == 0:
+                    print(f"{self.desc} {rate}", file=sys.stderr, flush=True)
+                return
             bar = "#" * int(20 * self.n / self.total)
-            print(f"\r{self.desc} [{bar:<20}] {self.n}/{self.total} {self.n / max(dt, 1e-9):.2f} it/s",
-                  end="\n" if self.n == self.total else "", file=sys.stderr, flush=True)
+            print(f"\r{self.desc} [{bar:<20}] {rate}", end="\n" if self.n == self.total else "",
+                  file=sys.stderr, flush=True)
 
 
 def guidance_vector(model, batch: int, guidance: float | None, device=None, dtype=torch.float32) -> Tensor | None:

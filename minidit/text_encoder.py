@@ -55,9 +55,8 @@ def _read_config(path: Path, config, cls, what: str):
     if isinstance(config, Mapping):
         return cls.from_hf(dict(config))
     file = Path(config) if config is not None else (path / "config.json" if path.is_dir() else None)
-    if file is None:
-        raise CheckpointError(f"{what}: {path} is a single file; pass its config (a {cls.__name__} or a "
-                              "config.json dict/path) as `config=`")
+    if file is None:  # a single file (ComfyUI's t5xxl_fp16 / clip_l): FLUX.1's own encoder, T5-XXL or CLIP-L
+        return cls.xxl() if hasattr(cls, "xxl") else cls.vit_l14()
     if not file.is_file():
         raise CheckpointError(f"{what}: config file not found: {file}")
     try:
@@ -85,7 +84,7 @@ def load_t5(path: str | Path, device: torch.device | str | None = None, dtype: t
             config: T5Config | dict | str | Path | None = None) -> T5Encoder:
     """T5 encoder from a `text_encoder_2/` folder (config.json + safetensors, sharded through
     model.safetensors.index.json or not), a FLUX repository root holding one, or a single .safetensors file
-    with `config`. Defaults: CUDA if available, bf16 there, fp32 on the CPU (minidit.loading.default_device_dtype).
+    with `config` (default T5-v1.1-XXL). Defaults: CUDA if available, bf16 there, fp32 on the CPU (minidit.loading.default_device_dtype).
     float16 is refused (T5 v1.1 overflows it); bfloat16 and float32 are fine."""
     path, what = _in_root(path, "text_encoder_2"), "T5 checkpoint"
     device, dtype = default_device_dtype(device, dtype)
@@ -116,7 +115,7 @@ def load_t5(path: str | Path, device: torch.device | str | None = None, dtype: t
 def load_clip(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
               config: CLIPTextConfig | dict | str | Path | None = None) -> CLIPTextEncoder:
     """CLIP text encoder from a `text_encoder/` folder (config.json + model.safetensors), a FLUX repository root
-    holding one, or a single .safetensors file with `config`. Defaults as load_t5."""
+    holding one, or a single .safetensors file (config: `config`, default CLIP-L). Defaults as load_t5."""
     path, what = _in_root(path, "text_encoder"), "CLIP checkpoint"
     device, dtype = default_device_dtype(device, dtype)
     _check_dtype(dtype, "load_clip")
@@ -135,6 +134,16 @@ def load_clip(path: str | Path, device: torch.device | str | None = None, dtype:
         model = CLIPTextEncoder(cfg)
     load_streaming(model, _KeyView(sd, keys), device, dtype, what=f"{what} {path}")
     return model.eval().requires_grad_(False)
+
+
+def tokenizer_max_length(folder: Path) -> int | None:
+    """`model_max_length` of a tokenizer folder's tokenizer_config.json (None when absent or unreadable).
+    FLUX's own T5 tokenizers say 512; minidit's built-in tiny model says 48, the length it was trained with."""
+    try:
+        n = json.loads((Path(folder) / "tokenizer_config.json").read_text()).get("model_max_length")
+    except (OSError, ValueError):
+        return None
+    return n if isinstance(n, int) and 0 < n else None
 
 
 def _default_max_length(root: Path) -> int:

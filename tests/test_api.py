@@ -251,17 +251,17 @@ def test_cli_true_cfg_recorded_and_applied(tmp_path, repos, pipes):
 @pytest.mark.parametrize("argv,message", [
     (["generate", "--true-cfg", "2"], "--true-cfg > 1 needs --negative-prompt"),
     (["generate", "--negative-prompt", "dog"], "--negative-prompt has no effect unless --true-cfg > 1"),
-    (["generate", "--true-cfg", "0.5", "--negative-prompt", ""], "--true-cfg must be >= 1"),
-    (["img2img", "--image", "IMG", "--strength", "0"], "--strength must be in (0, 1]"),
-    (["img2img", "--image", "/nonexistent.png"], "--image not found"),
-    (["img2img", "--image", "IMG", "--height", "50"], "--height must be a positive multiple of 16"),
+    (["generate", "--true-cfg", "0.5", "--negative-prompt", ""], "--true-cfg"),   # (ranges: cli.check_inputs)
+    (["img2img", "--image", "IMG", "--strength", "0"], "--strength"),
+    (["img2img", "--image", "/nonexistent.png"], "/nonexistent.png"),
+    (["img2img", "--image", "IMG", "--height", "50"], "--height"),
 ])
 def test_cli_cfg_and_img2img_errors(tmp_path, argv, message):
     _picture().save(tmp_path / "in.png")
     argv = [str(tmp_path / "in.png") if a == "IMG" else a for a in argv]
     with pytest.raises(SystemExit) as e:
         main([*argv, "--prompt", "x", "--weights", "/nonexistent/flux", "--output", str(tmp_path / "o.png")])
-    assert message in str(e.value)  # named before any weights are looked at
+    assert message in str(e.value) and "weights" not in str(e.value)  # named before the weights are looked at
 
 
 def test_cli_img2img(tmp_path, repos):

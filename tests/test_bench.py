@@ -28,6 +28,11 @@ def test_freecus_bench_small():
     assert "denoising loop only" in out and "x |" in out
 
 
+def test_edit_blend_bench_small():
+    out = run("bench/edit_blend.py", "--size", "64", "--steps", "1")
+    assert "| inpaint | paper (blend on) |" in out and "| outpaint | official, blend=True |" in out
+
+
 def test_record_appends_inside_its_own_section(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "bench"))
     import common

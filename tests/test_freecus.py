@@ -378,12 +378,13 @@ def test_cli(pipe, repo, tmp_path):
     Image.fromarray((REF.mask * 255).to(torch.uint8).numpy()).save(mask_png)
     args = ["freecus", "--weights", str(repo), "--ref", str(ref_png), "--mask", str(mask_png), "--prompt", "a dog",
             "--caption", "brown fur", "--steps", "2", "--vital-layers", "0,3", "--lambda-prompt", "1.2",
-            "--output", str(out)]
+            "--seed", "0", "--output", str(out)]  # the API's default seed (the CLI's default is random)
     main(args)
     im = Image.open(out)
     assert im.size == (WP, HP)
     assert im.text["command"] == "freecus" and im.text["caption"] == "brown fur"
-    assert im.text["vital_layers"] == "0,3" and im.text["lambda_prompt"] == "1.2" and im.text["ans"] == "True"
+    assert im.text["vital_layers"] == "[0, 3]" and im.text["lambda_prompt"] == "1.2"
+    assert im.text["mu_shift_type"] == "negative" and im.text["preset"] == "paper"
     # the CLI image is the Python API's image
     api = pipe.freecus("a dog", Reference(str(ref_png), str(mask_png)), caption="brown fur", steps=2,
                        vital_layers=[0, 3], lambda_prompt=1.2)[0]
@@ -400,7 +401,7 @@ def test_cli_box_mask_equals_api_box(pipe, repo, tmp_path):
     ref_png, out = tmp_path / "ref.png", tmp_path / "out.png"
     Image.fromarray(((picture().permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()).save(ref_png)
     main(["freecus", "--weights", str(repo), "--ref", str(ref_png), "--mask", "16,16,32,32", "--prompt", "a dog",
-          "--steps", "2", "--output", str(out)])
+          "--steps", "2", "--seed", "0", "--output", str(out)])
     api = pipe.freecus("a dog", Reference(str(ref_png), (16, 16, 32, 32)), steps=2)[0]
     assert np.array_equal(np.asarray(api), np.asarray(Image.open(out).convert("RGB")))
     assert Image.open(out).text["mask"] == "16,16,32,32"

@@ -60,7 +60,7 @@ def ellipse(cy, cx, ry, rx, height=H, width=W):
 def shifted_sigmas(steps, seq):
     """FLUX.1-dev's schedule written out: σ_i = e^μ / (e^μ + 1/s_i - 1), s_i = 1 - i/steps, μ linear in seq."""
     mu = 0.5 + (1.15 - 0.5) * (seq - 256) / (4096 - 256)
-    return [math.exp(mu) / (math.exp(mu) + 1 / (1 - i / steps) - 1) for i in range(steps)] + [0.0]
+    return [math.exp(mu) / (math.exp(mu) + (1 / (1 - i / steps) - 1)) for i in range(steps)] + [0.0]
 
 
 # ------------------------------------------------------------------------------------------- τ
@@ -202,8 +202,7 @@ def test_outpaint_canvas_clip_matches_the_demo():
     for ox, oy in [(24, 8), (-20, 40), (90, -10)]:                      # off-grid, and partly off the canvas
         canvas, area = outpaint_canvas(x, (W, H), (ox, oy), paste="clip")
         bg, mask = rr.outpainting_canvas(pil, ox, oy, W, H)
-        assert torch.equal(to_pil(canvas).tobytes(), bg.tobytes()) if False else \
-            np.array_equal(np.asarray(to_pil(canvas)), np.asarray(bg))
+        assert np.array_equal(np.asarray(to_pil(canvas)), np.asarray(bg))
         assert np.array_equal((area.numpy() * 255).astype(np.uint8), mask)
     with pytest.raises(ValueError, match="does not fit"):
         outpaint_canvas(x, (W, H), (90, -10), paste="fit")
@@ -344,7 +343,7 @@ def _pa_reference(pipe, images, prompts, prompt, masks, shift_masks, tau, steps,
     txt, txt_ids, vec = pipe.encode_prompt(prompts + [prompt])
     proc = rr.PersonalizeAnythingProcessor(masks, shift_masks, tau / 100, concept_process=concept)
     return rr.released_generate(model, rr.flux_scheduler(), steps, N, inverted, y0, sampling.noise(1, H, W, seed),
-                                txt, txt_ids, vec.float(), ids.expand(len(images) + 1, -1, -1), proc)
+                                txt, txt_ids, vec, ids.expand(len(images) + 1, -1, -1), proc)
 
 
 @pytest.mark.parametrize("concept", [False, True])
@@ -355,7 +354,6 @@ def test_official_personalize_reproduces_the_released_code(pipe, concept):
     mask = rr.create_mask(u8, w, h)
     shift = 2
     steps, tau, seed = 6, 60, 3
-    ref = rr._pa_reference = None
     ours = pipe.personalize("a toy on the beach", Reference(x, subject), placement=(16 * shift, 0),
                             preset="official", tau=tau, concat=concept, vae_sample=False, steps=steps, seed=seed,
                             return_latents=True)
@@ -433,7 +431,7 @@ def test_official_freecus_reproduces_the_released_code(pipe, shift_type):
     finally:
         if shift_type == "linear":
             rr.noised_references = orig
-    assert (ours - ref).abs().max() < 1e-3
+    assert (ours - ref).abs().max() < 3e-5     # measured ~1.5e-6; μ from the token count instead: 1.3e-4
     assert _mean_pixel(pipe, ours, ref, H, W) <= 1 / 255
     paper = pipe.freecus("a dog surfing", Reference(x, subject), caption="brown fur", vital_layers=vital,
                          lambda_prompt=1.2, steps=steps, seed=seed, return_latents=True)
@@ -443,7 +441,7 @@ def test_official_freecus_reproduces_the_released_code(pipe, shift_type):
 # ------------------------------------------------------------------------------------------- CLI
 
 def _params(path):
-    return json.loads(Image.open(path).text["parameters"])
+    return json.loads(Image.open(path).text["minidit"])["settings"]  # the resolved settings (issue 14's record)
 
 
 SETTING_KEYS = {"personalize": PersonalizeSettings, "inpaint": EditSettings, "outpaint": EditSettings,

@@ -153,7 +153,7 @@ def test_resolution_that_cannot_fit_in_memory(monkeypatch):
     (["freecus", "--lambda-ref", "nan"], "--lambda-ref is nan"),
     (["freecus", "--lambda-prompt", "0"], "--lambda-prompt must lie in (0"),
     (["freecus", "--vital-layers", ","], "--vital-layers is empty"),
-    (["personalize", "--tau", "1.5"], "--tau must lie in [0"),
+    (["personalize", "--tau", "150"], "--tau must lie in [0"),
     (["personalize", "--offset", "-16,0", "--ref", "/nonexistent.png"], "not found: /nonexistent.png"),
 ])
 def test_method_options_are_checked_before_loading(tmp_path, no_load, argv, msg):
@@ -371,10 +371,11 @@ def test_negative_numbers_parse(tmp_path, monkeypatch):
 
 
 def test_unwritable_cache(tmp_path, monkeypatch):
+    from minidit.weights.tiny import tiny_repo
     (tmp_path / "cachefile").write_text("x")
     monkeypatch.setenv("MINIDIT_CACHE", str(tmp_path / "cachefile"))
-    msg = cli_error(gen(tmp_path, "--height", "32", "--width", "32"))
-    assert "tiny checkpoint" in msg and "MINIDIT_CACHE" in msg
+    with pytest.raises(OSError, match="cannot write the built-in tiny checkpoint into .*set MINIDIT_CACHE"):
+        tiny_repo()
 
 
 def test_info_fails_on_incomplete_or_corrupt_folders(tmp_path, repo, capsys):
@@ -411,3 +412,25 @@ def test_tiny_cache_cleans_stale_temp_and_repairs(tmp_path, monkeypatch):
 
 def test_readme_has_a_safety_section():
     assert "## Safety" in (ROOT / "README.md").read_text()
+
+
+def test_sigterm_during_a_write_leaves_the_old_file(tmp_path):
+    out = tmp_path / "o.png"
+    save_png(Image.new("RGB", (16, 16), "red"), out)
+    before = out.read_bytes()
+    child = f"""
+import sys, time
+from PIL import Image
+from minidit import cli, image
+def slow_save(self, fp, *a, **k):
+    fp.write(b"partial"); fp.flush(); print("writing", flush=True); time.sleep(60)
+Image.Image.save = slow_save
+cli.cmd_info = lambda args: image.save_png(Image.new("RGB", (16, 16)), {str(out)!r})
+cli.main(["info", "x"])
+"""
+    p = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    p.terminate()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err
+    assert out.read_bytes() == before and os.listdir(tmp_path) == ["o.png"]

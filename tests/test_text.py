@@ -86,7 +86,8 @@ def test_prompt_2_and_single_string(root, pipe):
 
 
 def test_defaults_and_devices(root, tmp_path):
-    te = TextEncoder.load(root)
+    assert TextEncoder.load(root).t5.shared.weight.dtype == torch.float32  # the loaders' rule: fp32 on the CPU
+    te = TextEncoder.load(root, dtype=torch.bfloat16)
     assert te.max_length == 512 and te.t5.shared.weight.dtype == torch.bfloat16
     txt, vec = te.encode("a cat", device="meta")  # results go where the transformer lives
     assert txt.is_meta and vec.is_meta and txt.shape == (1, 512, 32) and txt.dtype == torch.bfloat16

@@ -261,3 +261,40 @@ def test_fp16_streams_are_clipped_like_diffusers(tmp_path):
     with torch.no_grad():  # the same in fp32 is not clipped
         _, t32 = m.float().double_blocks[0](img.float(), txt.float(), vec.float(), pe)
     assert t32.max() > 65504
+
+
+def test_file_reads_are_owned_and_equal_the_mapped_tensors(tmp_path):
+    """LazyStateDict.read: plain file reads into owned memory, bit-equal to the memory-mapped tensor."""
+    from minidit.loading import LazyStateDict
+    path = write_tiny_flux(tmp_path / "flux1.safetensors", TINY, dtype=torch.bfloat16)
+    sd = LazyStateDict([path])
+    for k in sd:
+        mapped, read = sd[k], sd.read(k)
+        assert read.dtype == mapped.dtype and torch.equal(read, mapped), k
+        assert read.untyped_storage().data_ptr() != mapped.untyped_storage().data_ptr()
+    with pytest.raises(CheckpointError, match="does not fit"):
+        sd.read("img_in.weight", torch.empty(3, dtype=torch.bfloat16))
+
+
+def test_diffusers_fusion_reads_each_source_into_its_rows(tmp_path):
+    """The fused q/k/v (+ MLP-in) tensors built by Converted.read equal torch.cat of the sources, mixed stored
+    dtypes included (cast into place), and the loaded model equals the BFL file's."""
+    from minidit.loading import Converted, LazyStateDict
+    from minidit.transformer import diffusers_to_bfl_plan
+    folder = write_tiny_flux(tmp_path / "transformer", TINY, layout="diffusers")
+    files = sorted(folder.glob("*.safetensors"))
+    sd = Converted(LazyStateDict(files), diffusers_to_bfl_plan(TINY.depth, TINY.depth_single_blocks, True))
+    for k, (op, srcs) in sd.plan.items():
+        assert torch.equal(sd.read(k), sd[k]), k
+    key = "single_blocks.0.linear1.weight"
+    srcs = sd.plan[key][1]
+    mixed = {s: sd.src[s].to(torch.bfloat16 if i == 1 else torch.float32) for i, s in enumerate(srcs)}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    one = Converted(LazyStateDict([tmp_path / "mixed.safetensors"]), {key: ("cat", srcs)})
+    assert one.read(key).dtype == torch.float32
+    torch.testing.assert_close(one.read(key), torch.cat([mixed[s].float() for s in srcs]), atol=0, rtol=0)
+    write_tiny_flux(tmp_path / "flux1.safetensors", TINY)
+    a, b = load_transformer(tmp_path / "flux1.safetensors"), load_transformer(folder)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+

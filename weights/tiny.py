@@ -125,3 +125,18 @@ def tiny_repo(variant: str = "dev") -> Path:
         raise OSError(f"cannot write the built-in tiny checkpoint into {root.parent} ({e.strerror or e}); "
                       "set MINIDIT_CACHE to a writable folder") from None
     return root
+
+
+TRAINED = Path(__file__).resolve().parent / "trained"
+TRAINED_NAME = "minidit-tiny (trained on the procedural world, weights/trained)"
+# what the built-in trained model is used with when a command does not say (see weights/README.md)
+TRAINED_DEFAULTS = {"height": 256, "width": 256, "true_cfg_scale": 4.0, "negative_prompt": ""}
+
+
+def builtin_repo() -> Path:
+    """The default checkpoint of every command: the tiny FLUX.1 trained on the procedural world (weights/world.py,
+    weights/train_tiny.py), shipped with the package as a FLUX.1 repository folder in the official layouts."""
+    if not (TRAINED / "model_index.json").is_file():
+        raise FileNotFoundError(f"the built-in trained tiny checkpoint is missing from the installation ({TRAINED}); "
+                                "reinstall minidit or pass --weights")
+    return TRAINED

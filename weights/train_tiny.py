@@ -12,17 +12,16 @@ Stages (each skipped when its output exists in --work; the DiT stage resumes fro
          tokenizer is a SentencePiece model trained on the generic tiny corpus plus world captions, so the world's
          words are single pieces; T5 gets 48 tokens (tokenizer_2's model_max_length, which minidit reads).
   ae     the autoencoder in the FLUX layout (AutoEncoderConfig.tiny(): 16 latent channels, x8, widths 32/32/64/64),
-         on random crops (--crop, 96 px) of 256-pixel world images: L1 + MSE reconstruction + 1e-4 KL (per
-         element); the posterior starts narrow (log-variance bias -8) so its noise does not hide the latent. Then
-         --ae-full-steps on whole 256-pixel images: GroupNorm's statistics over a crop are not those of a whole
-         image, and a model trained only on crops shifts the colours of whole images.
+         on random crops of 256-pixel world images, then whole images (AE_PHASES): L1 + MSE reconstruction +
+         1e-4 KL (per element); the posterior starts narrow (log-variance bias -8) so its noise does not hide the
+         latent. Whole images last: GroupNorm's statistics over a crop are not those of a whole image.
   data   N world scenes rendered at 256 and encoded (posterior mean) once; scale/shift factors measured on them
          (shift = mean, scale = 1/std) and stored in vae/config.json and ae.safetensors' metadata.
   dit    the MMDiT (FLUX layout, no guidance embedding: schnell-like, so the sampler uses true CFG) with FLUX's
          rectified-flow objective: x_t = (1-t) x0 + t eps, target v = eps - x0; t logit-normal (SD3) then shifted
          with FLUX.1-dev's mu for 256 tokens (mu = 0.5), the schedule it is sampled with. Captions leave out each
          attribute with p = 0.15 and are dropped whole with p = 0.1 (the empty prompt), so classifier-free guidance
-         works. AdamW, warm-up then cosine, bf16 autocast with fp32 weights, EMA 0.999 (what is exported).
+         works. AdamW, warm-up then cosine, bf16 autocast with fp32 weights, EMA 0.995 (what is exported).
   export the repository: flux1-schnell.safetensors + transformer/, ae.safetensors + vae/, text_encoder(_2)/,
          tokenizer(_2)/, scheduler/ (dev-like dynamic shifting), model_index.json; all fp16.
 """
@@ -58,8 +57,12 @@ T5_LENGTH = 48
 DIT = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=32, hidden_size=128, mlp_ratio=4.0,
                  num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), qkv_bias=True,
                  guidance_embed=False)
+# autoencoder phases: (steps, crop pixels, batch, lr); each starts from the previous one's weights. Whole images
+# last: GroupNorm's statistics over a crop are not those of a whole image.
+AE_PHASES = ((400, 96, 8, 2e-3), (1200, 64, 16, 2e-3), (150, SIZE, 4, 5e-4))
 MU = sampling.calculate_mu((SIZE // 16) ** 2)   # 0.5: FLUX.1-dev's shift at 256 image tokens
 SCHEDULER = {**SCHEDULERS["dev"]}               # dynamic shifting, as it is trained
+EMA = 0.995                                     # of the exported DiT weights (a ~200-step window)
 
 
 def log(msg: str) -> None:
@@ -95,7 +98,7 @@ def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, crop: int = 128,
              init: str | None = None, out: str = "ae_raw.safetensors") -> AutoEncoder:
     """Train (or, from `init`, continue training) the autoencoder on `crop`-pixel crops; saves WORK/`out`."""
     torch.manual_seed(seed)
-    rng = random.Random(seed + 1 + (init is not None))
+    rng = random.Random(seed + 1)
     ae = AutoEncoder(AutoEncoderConfig.tiny())
     if init is not None:
         ae.load_state_dict(load_file(work / init))
@@ -134,7 +137,7 @@ def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, crop: int = 128,
 @torch.no_grad()
 def stage_data(work: Path, n: int, seed: int) -> None:
     ae = AutoEncoder(AutoEncoderConfig.tiny())
-    ae.load_state_dict(load_file(work / "ae_full.safetensors"))
+    ae.load_state_dict(load_file(work / f"ae_phase{len(AE_PHASES) - 1}.safetensors"))
     rng = random.Random(seed + 2)
     scenes, means, t0 = [], [], time.time()
     for start in range(0, n, 32):
@@ -172,7 +175,7 @@ def init_dit(cfg: FluxConfig, seed: int) -> Flux:
 
 
 def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr: float = 5e-4,
-              ckpt_every_s: float = 300.0, minutes: float | None = None) -> None:
+              ckpt_every_s: float = 300.0, minutes: float | None = None, extend: bool = False) -> None:
     """`minutes`: instead of a step count, time the first 20 steps and fix the total that fits (logged and
     stored in the checkpoint, so `--dit-steps N` reproduces the run)."""
     latents = load_file(work / "latents.safetensors")["latents"]
@@ -183,7 +186,8 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     start = 0
     if ckpt.exists():
-        start, steps = load_checkpoint(ckpt, model, ema, opt)
+        start, done_of = load_checkpoint(ckpt, model, ema, opt)
+        steps = max(done_of, steps if extend else 0)  # --dit-steps beyond the run's own total extends it
         log(f"dit resumed at step {start} of {steps}")
         minutes = None
     g = torch.Generator().manual_seed(seed + start)
@@ -215,7 +219,7 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
         opt.step()
         with torch.no_grad():
             for k, p in model.state_dict().items():
-                ema[k].lerp_(p, 1 - min(0.999, (1 + step) / (10 + step)))
+                ema[k].lerp_(p, 1 - min(EMA, (1 + step) / (10 + step)))
         avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             log(f"dit step {step}/{steps} loss {avg:.4f} ({time.time() - t0:.0f} s)")
@@ -266,7 +270,7 @@ def stage_export(work: Path, repo: Path, out: Path) -> Path:
         meta = f.metadata()
     ae_cfg = replace(AutoEncoderConfig.tiny(), scale_factor=float(meta["scale_factor"]),
                      shift_factor=float(meta["shift_factor"]))
-    ae_sd = {k: v.half() for k, v in load_file(work / "ae_full.safetensors").items()}
+    ae_sd = {k: v.half() for k, v in load_file(work / f"ae_phase{len(AE_PHASES) - 1}.safetensors").items()}
     write_tiny_ae(tmp / "ae.safetensors", ae_cfg, sd=ae_sd)
     write_tiny_ae(tmp / "vae", ae_cfg, layout="diffusers", sd=ae_sd)
     sd = load_file(work / "dit.safetensors")
@@ -286,18 +290,17 @@ def main(argv=None) -> None:
     ap.add_argument("--work", required=True, help="working folder (stages resume from it)")
     ap.add_argument("--out", default=None, help="where to write the finished repository (default: WORK/repo-final)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ae-steps", type=int, default=400)
-    ap.add_argument("--ae-full-steps", type=int, default=200, help="autoencoder steps on whole images, after --ae-steps on crops")
-    ap.add_argument("--crop", type=int, default=96, help="autoencoder training crop (pixels)")
     ap.add_argument("--images", type=int, default=4000, help="world images encoded for the DiT")
     ap.add_argument("--dit-steps", type=int, default=2500)
+    ap.add_argument("--extend", action="store_true", help="resume a finished DiT run and continue it to --dit-steps "
+                    "(the cosine schedule is stretched to the new total)")
     ap.add_argument("--dit-minutes", type=float, default=None, help="fit the step count to this budget instead")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.ae_steps, args.images, args.dit_steps, args.batch = 3, 64, 6, 4
+        args.images, args.dit_steps, args.batch = 64, 6, 4
     work = Path(args.work)
     repo = work / "repo"
     work.mkdir(parents=True, exist_ok=True)
@@ -306,19 +309,19 @@ def main(argv=None) -> None:
     if not (repo / "text_encoder_2").exists():
         log("stage text")
         stage_text(repo, args.seed)
-    if not (work / "ae_raw.safetensors").exists():
-        log("stage ae")
-        stage_ae(work, args.ae_steps, args.seed, batch=2 if args.smoke else 8, crop=64 if args.smoke else args.crop)
-    if not (work / "ae_full.safetensors").exists():
-        # GroupNorm statistics of crops are not those of whole images: finish on whole images
-        log("stage ae (whole images)")
-        stage_ae(work, 3 if args.smoke else args.ae_full_steps, args.seed, batch=2 if args.smoke else 4,
-                 crop=SIZE, lr=1e-3, init="ae_raw.safetensors", out="ae_full.safetensors")
+    for i, (steps, crop, batch, lr) in enumerate(AE_PHASES):
+        out = work / f"ae_phase{i}.safetensors"
+        if not out.exists():
+            log(f"stage ae, phase {i}: {steps} steps, {crop}-pixel crops, batch {batch}, lr {lr}")
+            stage_ae(work, 3 if args.smoke else steps, args.seed + i, batch=2 if args.smoke else batch,
+                     crop=64 if args.smoke and crop < SIZE else crop, lr=lr,
+                     init=None if i == 0 else f"ae_phase{i - 1}.safetensors", out=out.name)
     if not (work / "latents.safetensors").exists():
         log("stage data")
         stage_data(work, args.images, args.seed)
     log("stage dit")
-    stage_dit(work, repo, args.dit_steps, args.seed, batch=args.batch, minutes=args.dit_minutes)
+    stage_dit(work, repo, args.dit_steps, args.seed, batch=args.batch, minutes=args.dit_minutes,
+              extend=args.extend)
     out = stage_export(work, repo, Path(args.out) if args.out else work / "repo-final")
     log(f"exported {out}")
 

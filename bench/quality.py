@@ -1,0 +1,168 @@
+"""What the built-in tiny FLUX.1 does, measured against the procedural world's ground truth (weights/quality.py).
+
+    python bench/quality.py                      # the built-in trained model, every row, ~10-20 min on 2 CPU cores
+    python bench/quality.py --n 4 --only t2i     # a quick look
+    python bench/quality.py --record             # + the table into bench/RESULTS.md
+    python bench/quality.py --grids docs         # + one picture grid per method: reference | mask | plain | method
+
+Every row is computed from fixed seeds on evaluation scenes drawn from a stream disjoint from the training one.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import record  # noqa: E402
+
+from minidit.pipeline import Pipeline  # noqa: E402
+from minidit.weights import quality as Q  # noqa: E402
+from minidit.weights import world  # noqa: E402
+
+
+def t2i_rows(pipe, n, steps):
+    r = Q.t2i(pipe, n=n, steps=steps)
+    rows = [("text-to-image", "generated: colour / shape / position / background",
+             f"{r['colour']:.2f} / {r['shape']:.2f} / {r['position']:.2f} / {r['background']:.2f}"),
+            ("text-to-image", "the renderer's own images (detector ceiling)",
+             f"{r['colour_renderer']:.2f} / {r['shape_renderer']:.2f} / {r['position_renderer']:.2f} / "
+             f"{r['background_renderer']:.2f}"),
+            ("text-to-image", "chance",
+             " / ".join(f"{Q.CHANCE[k]:.2f}" for k in ("colour", "shape", "position", "background")))]
+    return rows
+
+
+def personalize_rows(pipe, n, steps):
+    rows = []
+    for mode in ("in place", "offset", "multi", "scene"):
+        r = Q.personalize(pipe, n=n, mode=mode, steps=steps)
+        rows.append((f"personalize ({mode})", "subject PSNR dB: method / plain same caption",
+                     f"{r['psnr']:.1f} / {r['psnr_plain']:.1f}"))
+        if mode == "scene":
+            rows.append(("personalize (scene)", "scene PSNR outside the subject, dB", f"{r['scene_psnr']:.1f}"))
+        else:
+            rows.append((f"personalize ({mode})", "background as prompted: method / plain",
+                         f"{r['background']:.2f} / {r['background_plain']:.2f}"))
+    return rows
+
+
+def edit_rows(pipe, n, steps):
+    a, b = Q.inpaint(pipe, n=n, steps=steps), Q.outpaint(pipe, n=n, steps=steps)
+    return [("inpaint", "PSNR kept region dB / new object's colour as prompted",
+             f"{a['psnr_kept']:.1f} / {a['colour']:.2f}"),
+            ("outpaint", "PSNR pasted image dB / new border's colour as prompted",
+             f"{b['psnr_kept']:.1f} / {b['background']:.2f}")]
+
+
+def freecus_rows(pipe, n, steps):
+    variants = [("plain generation", dict(plain=True, caption=False)),
+                ("plain generation + caption", dict(plain=True)),
+                ("FreeCus", {}),
+                ("FreeCus, no caption", dict(caption=False)),
+                ("FreeCus, no ANS", dict(ans=False)),
+                ("FreeCus, λ = 1", dict(lambda_ref=1.0, lambda_prompt=1.0))]
+    rows = []
+    for name, kw in variants:
+        r = Q.freecus(pipe, n=n, steps=steps, **kw)
+        rows.append(("FreeCus", f"{name}: reference colour / aligned PSNR dB / background",
+                     f"{r['colour']:.2f} / {r['psnr_aligned']:.1f} / {r['background']:.2f}"))
+    return rows
+
+
+def time_row(pipe, steps):
+    kw = Q.cfg_kwargs(pipe, 4.0)
+    pipe.generate("a red circle on the left, on a blue background", height=256, width=256, steps=steps, **kw)
+    times = []
+    for i in range(3):
+        t0 = time.perf_counter()
+        pipe.generate("a red circle on the left, on a blue background", height=256, width=256, steps=steps,
+                      seed=i, **kw)
+        times.append(time.perf_counter() - t0)
+    return [("time", f"one 256x256 image, {steps or 28} steps, true CFG, {torch.get_num_threads()} threads",
+             f"{np.median(times):.2f} s (median of 3)")]
+
+
+SECTIONS = {"t2i": t2i_rows, "personalize": personalize_rows, "edit": edit_rows, "freecus": freecus_rows}
+
+
+def grids(pipe, folder: Path, steps) -> list[Path]:
+    """One image per method: reference | mask | plain generation | method (same prompt and seed)."""
+    from PIL import Image
+
+    from minidit.masks import Reference
+    folder.mkdir(parents=True, exist_ok=True)
+    s = Q.eval_scenes(1, 7, textured=True)[0]
+    ref, mask = world.render(s, Q.SIZE), Q.subject_mask(s)
+    mask_im = Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
+    target = Q.new_background(s, __import__("random").Random(0))
+    prompt = world.caption(target)
+    plain = pipe.generate(prompt, height=256, width=256, steps=steps, seed=0, **Q.cfg_kwargs(pipe, 4.0))[0]
+    pa = pipe.personalize(prompt, Reference(ref, Q._mask_tensor(mask)), height=256, width=256, steps=steps, seed=0)[0]
+    p = s.objects[0]
+    dx, dy = Q._offset_for(p)
+    moved = Q.new_background(Q._moved(s, dx, dy), __import__("random").Random(1))
+    q = moved.objects[0]
+    fprompt = f"a {q.subject.shape} {q.position}, {world.describe_background(moved)}"
+    cap = world.describe(world.Placed(p.subject, "", "", 0, 0)).replace("  ", " ").strip()
+    fplain = pipe.generate(fprompt, height=256, width=256, steps=steps, seed=0, **Q.cfg_kwargs(pipe, 4.0))[0]
+    fc = pipe.freecus(fprompt, Reference(ref, Q._mask_tensor(mask)), caption=cap, height=256, width=256,
+                      steps=steps, seed=0)[0]
+    full = world.render(s, Q.SIZE)
+    box = (48, 48, 160, 160)
+    inp_target = world.moved(s, 0, subject=world.Subject(p.subject.shape, "white" if p.subject.colour != "white" else "red"))
+    inp = pipe.inpaint(full, box, world.caption(inp_target), steps=steps, seed=0)[0]
+    box_im = Image.new("RGB", (256, 256))
+    box_im.paste((255, 255, 255), box[:2] + (box[0] + box[2], box[1] + box[3]))
+    rows = {"personalize": [ref, mask_im, plain, pa], "freecus": [ref, mask_im, fplain, fc],
+            "inpaint": [full, box_im, full, inp]}
+    out = []
+    for name, ims in rows.items():
+        g = Image.new("RGB", (256 * len(ims), 256))
+        for i, im in enumerate(ims):
+            g.paste(im.convert("RGB").resize((256, 256)), (256 * i, 0))
+        path = folder / f"{name}.png"
+        g.save(path)
+        out.append(path)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", default=None, help="default: the built-in trained tiny model")
+    ap.add_argument("--n", type=int, default=16, help="evaluation scenes per row")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--only", nargs="*", choices=sorted(SECTIONS), default=None)
+    ap.add_argument("--record", action="store_true")
+    ap.add_argument("--grids", default=None, help="folder for the picture grids")
+    args = ap.parse_args(argv)
+    pipe = Pipeline.load(args.weights, device="cpu")
+    rows = []
+    for name, fn in SECTIONS.items():
+        if args.only is None or name in args.only:
+            t0 = time.time()
+            rows += fn(pipe, args.n, args.steps)
+            print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr)
+    rows += time_row(pipe, args.steps)
+    head = (f"### {pipe.name}, CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+            f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, n = {args.n} scenes per row\n\n"
+            f"command: `python bench/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+            "| task | measure | value |\n|---|---|---|\n")
+    table = head + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    print(table)
+    if args.grids:
+        for p in grids(pipe, Path(args.grids), args.steps):
+            print(f"wrote {p}", file=sys.stderr)
+    if args.record:
+        record("Tiny trained model: quality (bench/quality.py)", table,
+               "Attribute accuracy and subject fidelity against the procedural world's ground truth "
+               "(weights/world.py detectors), fixed seeds, evaluation scenes disjoint from training.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The built-in trained tiny model, held to what it measurably does (weights/quality.py; numbers in
+bench/RESULTS.md). Every threshold sits between the measured value and the value of a deliberately broken
+variant, and each test also runs that broken variant and checks it fails — so these tests can fail.
+
+Fixed seeds, CPU, fp32, a handful of evaluation scenes each (a few seconds per test)."""
+import pytest
+import torch
+
+from minidit.pipeline import Pipeline
+from minidit.weights import quality as Q
+
+N, STEPS = 6, 16
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load(device="cpu")
+
+
+def test_builtin_default_is_the_trained_model(pipe):
+    assert "trained" in pipe.name and pipe.transformer.cfg.hidden_size == 128
+    assert pipe.text.max_length == 48  # the T5 length it was trained with, read from tokenizer_2
+
+
+def test_text_to_image_follows_the_prompt(pipe, monkeypatch):
+    r = Q.t2i(pipe, n=N, steps=STEPS)
+    assert r["colour"] >= T2I_COLOUR and r["background"] >= T2I_BACKGROUND, r
+    # broken: the text never reaches the model (its embeddings zeroed) -> no better than chance
+    real = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda p: tuple(t.zero_() if i != 1 else t
+                                                               for i, t in enumerate(real(p))))
+    broken = Q.t2i(pipe, n=N, steps=STEPS)
+    assert not (broken["colour"] >= T2I_COLOUR and broken["background"] >= T2I_BACKGROUND), broken
+
+
+def test_personalize_copies_the_subject(pipe, monkeypatch):
+    r = Q.personalize(pipe, n=N, steps=STEPS)
+    assert r["psnr"] >= PA_PSNR and r["psnr"] - r["psnr_plain"] >= PA_GAIN, r
+    # broken: the reference tokens replace the wrong target tokens (every destination 5 tokens further on)
+    import dataclasses
+
+    from minidit import personalize as P
+    real = P.plan_regions
+    monkeypatch.setattr(P, "plan_regions", lambda *a, **k: [dataclasses.replace(r, dst=(r.dst + 5) % 256)
+                                                             for r in real(*a, **k)])
+    broken = Q.personalize(pipe, n=N, steps=STEPS)
+    assert not (broken["psnr"] >= PA_PSNR and broken["psnr"] - broken["psnr_plain"] >= PA_GAIN), broken
+
+
+def test_inpaint_keeps_the_preserved_region(pipe):
+    r = Q.inpaint(pipe, n=N, steps=STEPS)
+    assert r["psnr_kept"] >= INPAINT_PSNR, r
+    # broken: τ = 1 replaces nothing, so nothing is preserved but what the model happens to redraw
+    broken = Q.inpaint(pipe, n=N, steps=STEPS, tau=1.0)
+    assert broken["psnr_kept"] < INPAINT_PSNR, broken
+
+
+def test_freecus_transfers_the_subject(pipe, monkeypatch):
+    r = Q.freecus(pipe, n=N, steps=STEPS, caption=False)
+    plain = Q.freecus(pipe, n=N, steps=STEPS, caption=False, plain=True)
+    assert r["colour"] - plain["colour"] >= FREECUS_GAIN, (r, plain)
+    # broken: attention sharing off (the reference never enters the target's attention)
+    from minidit import freecus as F
+    monkeypatch.setattr(F, "freecus_refstate", lambda *a, **k: None)
+    broken = Q.freecus(pipe, n=N, steps=STEPS, caption=False)
+    assert broken["colour"] - plain["colour"] < FREECUS_GAIN, (broken, plain)
+
+
+def test_diffusers_reads_the_trained_repository_and_draws_the_same(pipe):
+    """The trained files are a FLUX.1 repository in the official layouts: diffusers' FluxPipeline loads the
+    folder (transformer/, vae/, text encoders, scheduler) and, with the same generator, draws the same image."""
+    import diffusers
+    from minidit.weights.tiny import builtin_repo
+    theirs = diffusers.FluxPipeline.from_pretrained(builtin_repo(), dtype=torch.float32)
+    theirs.set_progress_bar_config(disable=True)
+    kw = dict(height=256, width=256, num_inference_steps=8, negative_prompt="", true_cfg_scale=4.0)
+    prompt = "a large red striped star in the centre, on a blue background"
+    a = theirs(prompt, generator=torch.Generator().manual_seed(3), max_sequence_length=48, output_type="pt", **kw).images
+    b = pipe(prompt, generator=torch.Generator().manual_seed(3), output_type="pt", **kw).images
+    assert (a - b).abs().mean() <= 1 / 255 and b.std() > 0.05
