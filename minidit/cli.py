@@ -98,9 +98,8 @@ def check_cfg(args) -> dict:
     Unset on the built-in model: its defaults (weights/tiny.py TRAINED_DEFAULTS), since it needs CFG."""
     if args.true_cfg is None:
         from .weights.tiny import TRAINED_DEFAULTS
-        use = builtin(args) and args.negative_prompt is None
-        args.true_cfg = TRAINED_DEFAULTS["true_cfg_scale"] if use or args.negative_prompt is not None else 1.0
-        if use:
+        args.true_cfg = TRAINED_DEFAULTS["true_cfg_scale"] if builtin(args) else 1.0
+        if builtin(args) and args.negative_prompt is None:
             args.negative_prompt = TRAINED_DEFAULTS["negative_prompt"]
     if args.true_cfg > 1 and args.negative_prompt is None:
         raise SystemExit("error: --true-cfg > 1 needs --negative-prompt (it may be empty: --negative-prompt '')")
@@ -218,11 +217,11 @@ def cmd_freecus(args) -> None:
             raise SystemExit(f"error: --vital-layers must be comma-separated integers, got {args.vital_layers!r}") from None
         if not vital:  # an empty list would silently be plain generation
             raise SystemExit("error: --vital-layers is empty: FreeCus needs at least one layer (omit it for the default)")
+    todo = metadata.plan(args)
     from .freecus import FreeCusSettings
     settings = _settings(FreeCusSettings, args, lambda_ref=args.lambda_ref, lambda_prompt=args.lambda_prompt,
                          vital_layers=None if vital is None else tuple(vital),
                          mu_shift_type="target" if args.no_ans else args.mu_shift_type)
-    todo = metadata.plan(args)
     pipe = load_pipeline(args)
     ref = Reference(args.ref, _mask_arg(args.mask), args.ref_prompt)
     metadata.run(args, pipe, "freecus", todo, lambda prompt, seed: freecus(
@@ -295,8 +294,10 @@ def preset_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _settings(cls, args, **flags):
-    """The preset with the dedicated flags (None = not given) and every --set FIELD=VALUE applied."""
+    """The preset with the dedicated flags (None = not given) and every --set FIELD=VALUE applied. The CLI's
+    own checks run first (again in load_pipeline; they are cheap), so a bad flag keeps its --flag message."""
     from .presets import PRESET
+    validate.cli_inputs(args)
     given = {k: (PRESET if v is None else v) for k, v in flags.items()}
     return cls.resolve(args.preset, **{**given, **cls.parse(args.set)})
 
@@ -326,10 +327,10 @@ def cmd_personalize(args) -> None:
                      for o in _per_ref(args.offset, n, "--offset")]
     refs = [Reference(r, m, p) for r, m, p in zip(args.ref, masks, prompts)]
     scene = Reference(args.scene, _mask_arg(args.scene_mask), args.scene_prompt) if args.scene else None
+    todo = metadata.plan(args)
     from .personalize import PersonalizeSettings
     settings = _settings(PersonalizeSettings, args, tau=args.tau, perturb=False if args.no_perturb else None,
                          positions=args.positions, concat=False if args.no_concat else None)
-    todo = metadata.plan(args)
     pipe = load_pipeline(args)
     metadata.run(args, pipe, "personalize", todo, lambda prompt, seed: personalize(
         pipe, prompt, refs, placement=placement, scene=scene, preset=settings, height=args.height,
@@ -346,9 +347,9 @@ def cmd_inpaint(args) -> None:
     mask = _mask_arg(args.mask)
     if mask is None:
         raise SystemExit("error: --mask is required (white = the region to repaint, or a box x,y,w,h)")
+    todo = metadata.plan(args)
     from .personalize import EditSettings
     settings = _settings(EditSettings, args, tau=args.tau, blend=args.blend)
-    todo = metadata.plan(args)
     pipe = load_pipeline(args)
     metadata.run(args, pipe, "inpaint", todo, lambda prompt, seed: inpaint(
         pipe, args.image, mask, prompt, preset=settings, steps=args.steps, guidance=args.guidance, seed=seed,
@@ -367,9 +368,9 @@ def cmd_outpaint(args) -> None:
         raise SystemExit("error: outpaint needs the canvas: --width W --height H (or --canvas WxH)")
     canvas = _int_list(args.canvas, 2, "--canvas (WxH)", sep="x") if args.canvas else (args.width, args.height)
     offset = None if args.offset is None else _int_list(args.offset, 2, "--offset (dx,dy)")
+    todo = metadata.plan(args)
     from .personalize import EditSettings
     settings = _settings(EditSettings, args, tau=args.tau, blend=args.blend)
-    todo = metadata.plan(args)
     pipe = load_pipeline(args)
     metadata.run(args, pipe, "outpaint", todo, lambda prompt, seed: outpaint(
         pipe, args.image, prompt, canvas, offset=offset, preset=settings, steps=args.steps, guidance=args.guidance,

@@ -10,6 +10,12 @@ from minidit.pipeline import Pipeline
 from minidit.weights import quality as Q
 
 N, STEPS = 6, 16
+# measured with these N/STEPS (bench/RESULTS.md, "Tiny trained model"): personalize 9.95 dB in the subject vs
+# 9.10 plain (wrong tokens: 8.66); inpaint kept region 27.7 dB (τ = 1: 10.6); FreeCus reference colour 2/6 vs
+# plain 1/6. Thresholds sit between the working and the broken values.
+PA_PSNR, PA_GAIN = 9.3, 0.4
+INPAINT_PSNR = 20.0
+FREECUS_GAIN = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +26,6 @@ def pipe():
 def test_builtin_default_is_the_trained_model(pipe):
     assert "trained" in pipe.name and pipe.transformer.cfg.hidden_size == 128
     assert pipe.text.max_length == 48  # the T5 length it was trained with, read from tokenizer_2
-
-
-def test_text_to_image_follows_the_prompt(pipe, monkeypatch):
-    r = Q.t2i(pipe, n=N, steps=STEPS)
-    assert r["colour"] >= T2I_COLOUR and r["background"] >= T2I_BACKGROUND, r
-    # broken: the text never reaches the model (its embeddings zeroed) -> no better than chance
-    real = pipe.encode_prompt
-    monkeypatch.setattr(pipe, "encode_prompt", lambda p: tuple(t.zero_() if i != 1 else t
-                                                               for i, t in enumerate(real(p))))
-    broken = Q.t2i(pipe, n=N, steps=STEPS)
-    assert not (broken["colour"] >= T2I_COLOUR and broken["background"] >= T2I_BACKGROUND), broken
 
 
 def test_personalize_copies_the_subject(pipe, monkeypatch):
@@ -55,14 +50,12 @@ def test_inpaint_keeps_the_preserved_region(pipe):
     assert broken["psnr_kept"] < INPAINT_PSNR, broken
 
 
-def test_freecus_transfers_the_subject(pipe, monkeypatch):
+def test_freecus_transfers_the_subject(pipe):
     r = Q.freecus(pipe, n=N, steps=STEPS, caption=False)
     plain = Q.freecus(pipe, n=N, steps=STEPS, caption=False, plain=True)
     assert r["colour"] - plain["colour"] >= FREECUS_GAIN, (r, plain)
-    # broken: attention sharing off (the reference never enters the target's attention)
-    from minidit import freecus as F
-    monkeypatch.setattr(F, "freecus_refstate", lambda *a, **k: None)
-    broken = Q.freecus(pipe, n=N, steps=STEPS, caption=False)
+    # broken: attention sharing off (no vital layer: the reference never enters the target's attention)
+    broken = Q.freecus(pipe, n=N, steps=STEPS, caption=False, vital_layers=[])
     assert broken["colour"] - plain["colour"] < FREECUS_GAIN, (broken, plain)
 
 
