@@ -80,10 +80,12 @@ def test_resolution_error_before_any_work(dev_repo):
 
 def test_builtin_tiny_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIDIT_CACHE", str(tmp_path))
-    pipe = Pipeline.load()
-    assert "tiny" in pipe.name and pipe.variant == "dev"
+    pipe = Pipeline.load()  # the built-in default: the trained tiny model shipped in weights/trained
+    assert "trained" in pipe.name and pipe.variant == "schnell" and pipe.default_steps == 28  # dynamic shift
     (img,) = pipe.generate("", height=32, width=48, steps=1)  # empty prompt allowed
     assert img.size == (48, 32)
+    from minidit.weights.tiny import tiny_repo  # the random one still exists for the parity tests
+    assert Pipeline.load(tiny_repo(), device="cpu").variant == "dev"
     assert (tmp_path / "tiny-flux-dev-v1" / "flux1-dev.safetensors").exists()
 
 
