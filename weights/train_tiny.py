@@ -72,7 +72,7 @@ def log(msg: str) -> None:
 def world_images(rng: random.Random, n: int, size: int = SIZE) -> tuple[list, torch.Tensor]:
     """n scenes and their renders as (n, 3, size, size) in [-1, 1]."""
     scenes = [world.sample_scene(rng) for _ in range(n)]
-    x = torch.stack([torch.from_numpy(np.asarray(world.render(s, size))) for s in scenes])
+    x = torch.stack([torch.from_numpy(np.array(world.render(s, size))) for s in scenes])
     return scenes, x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
