@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -100,13 +101,13 @@ def grids(pipe, folder: Path, steps) -> list[Path]:
     s = Q.eval_scenes(1, 7, textured=True)[0]
     ref, mask = world.render(s, Q.SIZE), Q.subject_mask(s)
     mask_im = Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
-    target = Q.new_background(s, __import__("random").Random(0))
+    target = Q.new_background(s, random.Random(0))
     prompt = world.caption(target)
     plain = pipe.generate(prompt, height=256, width=256, steps=steps, seed=0, **Q.cfg_kwargs(pipe, 4.0))[0]
     pa = pipe.personalize(prompt, Reference(ref, Q._mask_tensor(mask)), height=256, width=256, steps=steps, seed=0)[0]
     p = s.objects[0]
     dx, dy = Q._offset_for(p)
-    moved = Q.new_background(Q._moved(s, dx, dy), __import__("random").Random(1))
+    moved = Q.new_background(Q._moved(s, dx, dy), random.Random(1))
     q = moved.objects[0]
     fprompt = f"a {q.subject.shape} {q.position}, {world.describe_background(moved)}"
     cap = world.describe(world.Placed(p.subject, "", "", 0, 0)).replace("  ", " ").strip()

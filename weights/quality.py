@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import world
 
@@ -127,8 +128,7 @@ def _offset_for(p: world.Placed) -> tuple[int, int]:
 def _moved(scene: world.Scene, dx: int, dy: int) -> world.Scene:
     p = scene.objects[0]
     cx, cy = p.cx + dx / SIZE, p.cy + dy / SIZE
-    pos = min(world.POSITIONS, key=lambda k: (world.POSITIONS[k][0] - cx) ** 2 + (world.POSITIONS[k][1] - cy) ** 2)
-    return world.moved(scene, 0, cx=cx, cy=cy, position=pos)
+    return world.moved(scene, 0, cx=cx, cy=cy, position=world.nearest_position(cx, cy))
 
 
 def personalize(pipe, n: int = 8, seed: int = 0, mode: str = "in place", steps: int | None = None,
@@ -217,7 +217,6 @@ def outpaint(pipe, n: int = 8, seed: int = 0, steps: int | None = None, **method
         s = world.moved(s, 0, cx=0.5, cy=0.5, position="in the centre", size="small")
         full = as_array(world.render(s, SIZE))
         crop = full[64:192, 64:192]
-        from PIL import Image
         out = as_array(pipe.outpaint(Image.fromarray(crop), world.caption(s), (SIZE, SIZE), steps=steps,
                                      seed=seed * 100 + i, **method)[0])
         keep_psnr.append(psnr(out[64:192, 64:192], crop))
@@ -228,7 +227,6 @@ def outpaint(pipe, n: int = 8, seed: int = 0, steps: int | None = None, **method
 def _aligned_psnr(out: np.ndarray, ref: np.ndarray, ref_mask: np.ndarray, bg: str) -> float:
     """PSNR of the generated object's bounding-box crop, resized onto the reference object's box, inside the
     reference mask (0 dB-ish when nothing was generated)."""
-    from PIL import Image
     fg = world.foreground(out, bg)
     if fg.sum() < 50:
         return psnr(np.zeros_like(ref), ref, ref_mask)

@@ -95,7 +95,7 @@ def stage_text(repo: Path, seed: int) -> None:
 
 
 def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, crop: int = 128, lr: float = 2e-3,
-             init: str | None = None, out: str = "ae_raw.safetensors") -> AutoEncoder:
+             init: str | None = None, out: str = "ae_phase0.safetensors") -> AutoEncoder:
     """Train (or, from `init`, continue training) the autoencoder on `crop`-pixel crops; saves WORK/`out`."""
     torch.manual_seed(seed)
     rng = random.Random(seed + 1)

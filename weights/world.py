@@ -278,11 +278,15 @@ def detect_object(img: np.ndarray, bg: str | None = None) -> dict | None:
     ys, xs = np.nonzero(fg)
     colour = list(COLOURS)[np.bincount(nearest_colour(img[fg]), minlength=len(COLOURS)).argmax()]
     cx, cy = xs.mean() / size, ys.mean() / size
-    # the position whose anchor is nearest the centroid, centre only within 0.12 of the middle
-    position = min(POSITIONS, key=lambda k: (POSITIONS[k][0] - cx) ** 2 + (POSITIONS[k][1] - cy) ** 2)
+    position = nearest_position(cx, cy)
     shape = detect_shape(fg)
     return {"colour": colour, "position": position, "shape": shape, "mask": fg, "background": bg,
             "centre": (cx, cy)}
+
+
+def nearest_position(cx: float, cy: float) -> str:
+    """The named position whose anchor is nearest (cx, cy) (fractions of the image side)."""
+    return min(POSITIONS, key=lambda k: (POSITIONS[k][0] - cx) ** 2 + (POSITIONS[k][1] - cy) ** 2)
 
 
 def detect_shape(fg: np.ndarray) -> str:
