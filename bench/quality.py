@@ -93,7 +93,8 @@ SECTIONS = {"t2i": t2i_rows, "personalize": personalize_rows, "edit": edit_rows,
 
 
 def grids(pipe, folder: Path, steps) -> list[Path]:
-    """One image per method: reference | mask | plain generation | method (same prompt and seed)."""
+    """One image per method: reference | mask | plain generation | method (same prompt and seed); inpainting
+    shows the input where the others show plain generation, outpainting the pasted crop and its kept area."""
     from PIL import Image
 
     from minidit.masks import Reference
@@ -120,8 +121,15 @@ def grids(pipe, folder: Path, steps) -> list[Path]:
     inp = pipe.inpaint(full, box, world.caption(inp_target), steps=steps, seed=0)[0]
     box_im = Image.new("RGB", (256, 256))
     box_im.paste((255, 255, 255), box[:2] + (box[0] + box[2], box[1] + box[3]))
+    centred = world.moved(s, 0, cx=0.5, cy=0.5, position="in the centre", size="small")
+    crop = world.render(centred, Q.SIZE).crop((64, 64, 192, 192))
+    canvas, kept = Image.new("RGB", (256, 256)), Image.new("RGB", (256, 256))
+    canvas.paste(crop, (64, 64)), kept.paste((255, 255, 255), (64, 64, 192, 192))
+    oplain = pipe.generate(world.caption(centred), height=256, width=256, steps=steps, seed=0,
+                           **Q.cfg_kwargs(pipe, 4.0))[0]
+    outp = pipe.outpaint(crop, world.caption(centred), (256, 256), steps=steps, seed=0)[0]
     rows = {"personalize": [ref, mask_im, plain, pa], "freecus": [ref, mask_im, fplain, fc],
-            "inpaint": [full, box_im, full, inp]}
+            "inpaint": [full, box_im, full, inp], "outpaint": [canvas, kept, oplain, outp]}
     out = []
     for name, ims in rows.items():
         g = Image.new("RGB", (256 * len(ims), 256))

@@ -3,7 +3,7 @@
     ae = load_autoencoder("ae.safetensors")   # or a diffusers vae/ folder, or a FLUX repository root
     z = ae.encode(img)                        # (B, 3, H, W) in [-1, 1] -> (B, 16, H/8, W/8), normalised latents
     x = ae.decode(z)                          # -> (B, 3, H, W), roughly [-1, 1], NOT clamped (tensor_to_pil clamps)
-    x = ae.decode(z, tile=512)                # tiled: 512x512-pixel tiles, bounded activation memory
+    x = ae.decode(z, tile=512)                # tiled on 512x512-pixel tiles: exact, about half the memory
 
 The network is the official one (black-forest-labs/flux, src/flux/modules/autoencoder.py) and its parameter names
 are those of `ae.safetensors`, so loading is a strict `load_state_dict`:
@@ -17,24 +17,33 @@ Latents are normalised as the transformer expects: z = scale_factor * (mean - sh
 
 Tiling (`tile=` pixels, for large images; inference only). The only global operations are the mid-block
 attention and the GroupNorm statistics. The low-resolution part (encoder mid/out, decoder conv_in/mid, all at
-H/8 x W/8) runs on the whole latent, so attention is exact. The full-resolution part runs one level at a time,
-each level on crops of about `tile` image pixels (in that level's resolution) that overlap by 4R+8 samples
-(R = num_res_blocks; 16 for FLUX), more than twice the reach of a crop's zero-padded edge, and each crop keeps
-only its core (overlaps are cut in the middle instead of blended: the crops agree there exactly, and a blend
-would only mix in their padding-affected borders). Every GroupNorm uses the whole image's statistics, gathered
-by extra partial passes over the crops (see `_tiled`). So tiled == untiled up to float rounding (measured on the
-tiny AE: max abs diff ~1e-5 at outputs of magnitude ~10, tests/test_autoencoder.py), unlike diffusers' tiled
-VAE, whose per-tile GroupNorm statistics and per-tile attention change the result. The price is compute: FLUX
-2048x2048 costs 5.6x the untiled FLOPs to decode with tile=1024 (6.2x with 512), 2.4x (2.6x) to encode, which
-is still small next to the transformer's sampling steps.
+H/8 x W/8) runs on the whole latent, so attention is exact. The full-resolution part runs one layer at a time
+(conv_in, each ResnetBlock, each Down/Upsample, norm_out + conv_out), each on crops of about tile x tile
+samples, widened by the layer's reach (1 sample per 3x3 conv) and cut back to their cores, which tile the
+image (`_map`); the cores are assembled into the whole-image tensor that the next layer reads. Every
+GroupNorm uses the whole image's statistics: a ResnetBlock's norm1 those of its input (summed tile by tile),
+its norm2 those of conv1's output, summed by a first pass over the tiles that keeps nothing else; a second pass
+runs conv1 again and conv2 (`_tiled_resnet`). So tiled == untiled up to float rounding (measured on the tiny
+AE: max abs diff ~5e-6 at outputs of magnitude ~5, tests/test_autoencoder.py), unlike diffusers' tiled VAE,
+whose per-tile GroupNorm statistics and attention change the result (bench/RESULTS.md). A layer whose input fits
+in one tile runs untiled.
 
-Peak activation memory at 2048x2048, batch 1, counted from tensor shapes (live tensors at the worst point of
-the forward under no_grad, fused SDPA so attention is O(tokens); weights not included):
+The trade-off: between layers the whole image is held (a layer's input and output, where the untiled forward
+holds three tensors at its worst point), so memory does not shrink much below half the untiled with smaller
+tiles; in exchange each conv runs once, except conv1 of a tiled ResnetBlock (twice): at FLUX widths about
++13% (2048x2048, tile=1024) or +26% (tile=512) of the untiled FLOPs, counted from the conv shapes. (Caching
+conv1's output would save that for a third whole-image tensor. The earlier scheme, which kept only each
+level's input and output and re-ran the level's crops once per GroupNorm, needed ~0.36x the untiled memory at
+tile=1024 by its shape count, but 6x the time: bench/RESULTS.md.)
+
+Peak activation memory of the full-resolution part (Decoder.tail / Encoder.features) at 2048x2048, batch 1:
+live tensors counted on the meta device by a dispatch mode like bench/step_cpu.py's, weights and the
+latent-resolution input not included (the mid block, the same in all columns, is not counted):
                       untiled   tile=1024   tile=512
-    decode fp32      12.1 GiB     4.3 GiB    2.1 GiB      (untiled worst point: the first level-0 ResnetBlock,
-    decode bf16       6.1 GiB     2.1 GiB    1.0 GiB       its input, GroupNorm and SiLU at 256x2048x2048)
-    encode fp32       8.0 GiB     2.7 GiB    1.1 GiB
-    encode bf16       4.0 GiB     1.4 GiB    0.6 GiB
+    decode fp32      12.0 GiB     8.0 GiB    6.5 GiB      (untiled worst point: the first level-0 ResnetBlock,
+    decode bf16       6.0 GiB     4.0 GiB    3.3 GiB       its input, GroupNorm and SiLU at 256x2048x2048;
+    encode fp32       8.0 GiB     6.0 GiB    4.5 GiB       tiled: that block's input and output, 256 + 128
+    encode bf16       4.0 GiB     3.0 GiB    2.3 GiB       channels, plus one tile's working set)
 With a non-fused ("math") attention fallback, untiled or tiled, the mid block at 2048x2048 would add a
 65536x65536 score matrix (16 GiB fp32) on top.
 """
@@ -189,16 +198,22 @@ class Encoder(nn.Module):
         self.norm_out = _norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
 
-    def stage(self, i: int, x: Tensor) -> Tensor:  # level i: (B, C, H/2^i, W/2^i) -> half that (last: same)
-        if i == 0:
+    def features(self, x: Tensor, tile: int | None = None) -> Tensor:  # (B, 3, H, W) -> (B, C_last, H/f, W/f)
+        """The full-resolution part; `tile`: each layer on tiles of tile x tile samples (see `_map`)."""
+        if tile is None:
             x = self.conv_in(x)
-        for b in self.down[i].block:
-            x = b(x)
-        return self.down[i].downsample(x) if i < len(self.down) - 1 else x
-
-    def features(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, C_last, H/f, W/f): the full-resolution part
-        for i in range(len(self.down)):
-            x = self.stage(i, x)
+            for level in self.down:
+                for b in level.block:
+                    x = b(x)
+                if hasattr(level, "downsample"):
+                    x = level.downsample(x)
+            return x
+        x = _map(self.conv_in, x, tile, 1)
+        for level in self.down:
+            for b in level.block:
+                x = _tiled_resnet(b, x, tile)
+            if hasattr(level, "downsample"):  # stride 2: tile and halo are even, so crops start on even samples
+                x = _map(level.downsample, x, tile, 2, scale=0.5)
         return x
 
     def head(self, h: Tensor) -> Tensor:  # (B, C_last, h, w) -> (B, 2*z, h, w): global (attention) part
@@ -224,20 +239,24 @@ class Decoder(nn.Module):
     def body(self, z: Tensor) -> Tensor:  # (B, z, h, w) -> (B, C_last, h, w): global (attention) part
         return self.mid(self.conv_in(z))
 
-    def stage(self, i: int, h: Tensor) -> Tensor:  # level i, after level i+1's upsample (run for i = L-1 .. 0)
-        if i < len(self.up) - 1:
-            h = self.up[i + 1].upsample(h)
-        for b in self.up[i].block:
-            h = b(h)
-        return self.conv_out(F.silu(self.norm_out(h))) if i == 0 else h
-
-    def tail(self, h: Tensor) -> Tensor:  # (B, C_last, h, w) -> (B, 3, h*f, w*f): the full-resolution part
-        for i in reversed(range(len(self.up))):  # = stage(i, h) for each i, written out so that no frame
-            if i < len(self.up) - 1:             # keeps a level's input alive while the next one runs
-                h = self.up[i + 1].upsample(h)
+    def tail(self, h: Tensor, tile: int | None = None) -> Tensor:  # (B, C_last, h, w) -> (B, 3, h*f, w*f)
+        """The full-resolution part; `tile`: each layer on tiles of tile x tile samples (see `_map`)."""
+        if tile is None:
+            for i in reversed(range(len(self.up))):
+                if i < len(self.up) - 1:
+                    h = self.up[i + 1].upsample(h)
+                for b in self.up[i].block:
+                    h = b(h)
+            return self.conv_out(F.silu(self.norm_out(h)))
+        for i in reversed(range(len(self.up))):
+            if i < len(self.up) - 1:  # nearest 2x + 3x3 conv: a halo of 1 input sample; tile x tile outputs
+                h = _map(self.up[i + 1].upsample, h, tile // 2, 1, scale=2.0)
             for b in self.up[i].block:
-                h = b(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                h = _tiled_resnet(b, h, tile)
+        if max(h.shape[-2:]) <= tile:
+            return self.conv_out(F.silu(self.norm_out(h)))
+        m = _map(_identity, h, tile, 0, moments=self.norm_out.num_groups)
+        return _map(lambda t: self.conv_out(F.silu(_group_norm(self.norm_out, m, t), inplace=True)), h, tile, 1)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.tail(self.body(z))
@@ -278,11 +297,9 @@ class AutoEncoder(nn.Module):
         if tile is None:
             h = self.encoder.features(h)
         else:
-            L, o = len(self.encoder.down), self._overlap(tile, image)
-            for i in range(L):  # level i runs at 1/2^i of the image; all but the last halve the size
-                with torch.no_grad():
-                    h = _tiled(partial(self.encoder.stage, i), _norms(self.encoder.down[i]), h,
-                               tile >> i, o, scale=1.0 if i == L - 1 else 0.5, align=1 if i == L - 1 else 2)
+            self._check_tile(tile, image)
+            with torch.no_grad():
+                h = self.encoder.features(h, tile)
         mean, logvar = self.encoder.head(h).chunk(2, dim=1)
         if sample:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the clamp of ldm / diffusers' posterior
@@ -301,114 +318,89 @@ class AutoEncoder(nn.Module):
         h = self.decoder.body(z)
         if tile is None:
             return self.decoder.tail(h)
-        L, o = len(self.decoder.up), self._overlap(tile, z)
-        for i in reversed(range(L)):  # input at the resolution of level i+1 (the latent's for i = L-1)
-            norms = _norms(self.decoder.up[i]) + ([self.decoder.norm_out] if i == 0 else [])
-            with torch.no_grad():
-                h = _tiled(partial(self.decoder.stage, i), norms, h, tile >> min(i + 1, L - 1), o,
-                           scale=1.0 if i == L - 1 else 2.0)
-        return h
+        self._check_tile(tile, z)
+        with torch.no_grad():
+            return self.decoder.tail(h, tile)
 
-    def _overlap(self, tile: int, x: Tensor) -> int:
-        """The crop overlap (in each level's input pixels) that makes tiling exact. A zero-padded crop edge
-        changes at most 2R+3 samples of a level's output (R = num_res_blocks; counted in input pixels): encoder
-        conv_in + 2R convs + the stride-2 conv (2); decoder 2(R+1) convs at the latent level, else the upsample
-        conv + 2(R+1) convs + conv_out at twice the input resolution (R+2). Each crop keeps its half of the
-        overlap less at most 1 (cuts are rounded to even), so overlap = 4R+8 leaves 2R+3."""
+    def _check_tile(self, tile: int, x: Tensor) -> None:
         if not isinstance(tile, int) or tile <= 0 or tile % self.factor:
             raise ValueError(f"tile must be a positive multiple of {self.factor} pixels, got {tile!r}")
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("tiled encode/decode is inference-only (GroupNorm statistics come from separate "
                                "passes, so no autograd): run it under torch.no_grad() or without tile=")
-        return 4 * self.cfg.num_res_blocks + 8
 
     def forward(self, image: Tensor) -> Tensor:
         return self.decode(self.encode(image))
 
 
 # ------------------------------------------------------------------------------------------------- tiling
-def _norms(level: nn.Module) -> list[nn.GroupNorm]:
-    return [m for m in level.modules() if isinstance(m, nn.GroupNorm)]
+def _spans(n: int, tile: int) -> list[tuple[int, int]]:
+    """[0, n) cut into cores of `tile` samples, the last one partial."""
+    return list(pairwise([*range(0, n, tile), n]))
 
 
-def _spans(n: int, tile: int, overlap: int, align: int) -> list[tuple[int, int, int]]:
-    """Tiles along one axis as (start, core_start, core_end): tiles of `tile` samples every tile - overlap (the
-    last one flush with the end); the cores cut each overlap in the middle (rounded down to `align`) and
-    partition [0, n): every sample is produced by, and counted in the GroupNorm statistics of, one tile."""
-    if n <= tile:
-        return [(0, 0, n)]
-    starts = list(range(0, n - tile, tile - overlap)) + [n - tile]
-    cuts = [0] + [(a + tile + b) // 2 // align * align for a, b in pairwise(starts)] + [n]
-    return [(s, cuts[i], cuts[i + 1]) for i, s in enumerate(starts)]
+def _map(fn, x: Tensor, tile: int, halo: int, scale: float = 1.0, moments: int = 0):
+    """fn(x) for a spatially local fn (reach <= `halo` input samples, output `scale` x its input), run on crops
+    of x (B, C, H, W): cores of tile x tile (the last ones partial) that tile the image, each widened by `halo`
+    on every side (clipped at the image, where fn's own zero padding is the true one) and cut back to its core
+    after fn, so the result equals fn(x) up to float rounding. moments=G: return instead the GroupNorm(G)
+    moments of fn(x) (see `_moments`), summed over the cores, without keeping fn(x)."""
+    B, _, H, W = x.shape
+    out, acc = None, 0
+    for r0, r1 in _spans(H, tile):
+        for c0, c1 in _spans(W, tile):
+            a, c = max(r0 - halo, 0), max(c0 - halo, 0)
+            y = fn(x[:, :, a:r1 + halo, c:c1 + halo])
+            top, left = round((r0 - a) * scale), round((c0 - c) * scale)  # the core, within the crop
+            y = y[:, :, top:top + round((r1 - r0) * scale), left:left + round((c1 - c0) * scale)]
+            if moments:
+                acc = acc + _moments(y, moments)
+                continue
+            if out is None:
+                out = y.new_empty(B, y.shape[1], round(H * scale), round(W * scale))
+            out[:, :, round(r0 * scale):round(r1 * scale), round(c0 * scale):round(c1 * scale)] = y
+    return acc if moments else out
 
 
-class _Stop(Exception):
-    """Ends a tile's forward at the first GroupNorm whose whole-image statistics are not known yet."""
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
-def _group_norm(mod: nn.GroupNorm, stats: dict, sums: dict, core: dict, h: Tensor) -> Tensor:
-    """GroupNorm with whole-image statistics: applies them when known, else adds this tile's core to the sums."""
+def _moments(x: Tensor, G: int) -> Tensor:
+    """(B, C, h, w) -> (3, B, G) fp64: per group the sum, the sum of squares and the count of x's samples."""
+    B, n = x.shape[0], x[0].numel() // G
+    s1 = x.sum((2, 3), dtype=torch.float32).double().view(B, G, -1).sum(-1)  # per channel in fp32, then fp64
+    s2 = (torch.linalg.vector_norm(x, dim=(2, 3), dtype=torch.float32).double() ** 2).view(B, G, -1).sum(-1)
+    return torch.stack([s1, s2, torch.full_like(s1, n)])
+
+
+def _group_norm(mod: nn.GroupNorm, m: Tensor, h: Tensor) -> Tensor:
+    """mod(h) with the statistics of moments `m` (the whole image's) instead of h's own."""
     (B, C), G = h.shape[:2], mod.num_groups
-    if mod not in stats:
-        sy, sx = h.shape[-2] / core["size"][0], h.shape[-1] / core["size"][1]  # tile input px -> this resolution
-        (r0, r1), (c0, c1) = core["rows"], core["cols"]
-        x = h[:, :, round(r0 * sy):round(r1 * sy), round(c0 * sx):round(c1 * sx)]
-        s1 = x.sum((2, 3), dtype=torch.float32).double().view(B, G, -1).sum(-1)  # per-channel fp32, then fp64
-        s2 = (torch.linalg.vector_norm(x, dim=(2, 3), dtype=torch.float32).double() ** 2).view(B, G, -1).sum(-1)
-        s = sums.setdefault(mod, [0.0, 0.0, 0])
-        s[0], s[1], s[2] = s[0] + s1, s[1] + s2, s[2] + x[0].numel() // G
-        raise _Stop
-    mean, var = stats[mod]  # (B, G) each
-    a = (torch.rsqrt(var + mod.eps).repeat_interleave(C // G, dim=1) * mod.weight.float())  # (B, C)
-    b = mod.bias.float() - mean.repeat_interleave(C // G, dim=1) * a
+    mean = m[0] / m[2]
+    var = (m[1] / m[2] - mean * mean).clamp_min(0).float()
+    a = torch.rsqrt(var + mod.eps).repeat_interleave(C // G, dim=1) * mod.weight.float()  # (B, C)
+    b = mod.bias.float() - mean.float().repeat_interleave(C // G, dim=1) * a
     return torch.addcmul(b[..., None, None].to(h.dtype), h, a[..., None, None].to(h.dtype))
 
 
-def _tiled(fn, norms: list[nn.GroupNorm], x: Tensor, tile: int, overlap: int, scale: float, align: int = 1):
-    """fn(x) for a spatially local fn (output `scale` x its input) computed on overlapping crops of x (B, C, H, W)
-    of side tile + overlap (tile raised to at least 3 x overlap), each contributing its core (overlaps are cut
-    in the middle), so an n-sample side takes ceil((n - overlap) / tile) crops.
+def _resnet(blk: ResnetBlock, m1: Tensor, m2: Tensor | None, x: Tensor) -> Tensor:
+    """blk(x) with GroupNorm moments m1, m2 (whole image); m2=None: stop after conv1 (to gather norm2's)."""
+    h = blk.conv1(F.silu(_group_norm(blk.norm1, m1, x), inplace=True))
+    if m2 is None:
+        return h
+    h = blk.conv2(F.silu(_group_norm(blk.norm2, m2, h), inplace=True))
+    return (x if blk.nin_shortcut is None else blk.nin_shortcut(x)) + h
 
-    The GroupNorms inside fn (`norms`) must see whole-image statistics, so these are found one GroupNorm at a
-    time: each pass runs the tiles only up to the first GroupNorm without statistics and sums its input over the
-    tile cores; the last pass produces the output. With overlap/2 beyond the reach of zero padding at a tile
-    edge the result equals fn(x) up to float rounding. The passes cost (number of GroupNorms + 1) partial runs
-    of fn. While they run, the GroupNorms' forward is patched (not thread-safe)."""
-    tile = (max(tile, 3 * overlap) + overlap) // align * align
-    B, _, H, W = x.shape
-    rows, cols = _spans(H, tile, overlap, align), _spans(W, tile, overlap, align)
-    if len(rows) == len(cols) == 1:
-        return fn(x)
-    stats, sums, core = {}, {}, {}
-    try:
-        for m in norms:  # an instance attribute shadows GroupNorm.forward until the `finally` below
-            m.forward = lambda h, m=m: _group_norm(m, stats, sums, core, h)
-        while True:
-            out = None
-            for top, r0, r1 in rows:
-                for left, c0, c1 in cols:
-                    crop = x[:, :, top:top + tile, left:left + tile]
-                    core.update(size=crop.shape[-2:], rows=(r0 - top, r1 - top), cols=(c0 - left, c1 - left))
-                    try:
-                        y = fn(crop)
-                    except _Stop:
-                        continue
-                    if out is None:
-                        out = y.new_empty(B, y.shape[1], round(H * scale), round(W * scale))
-                    (a, b), (c, d) = ((round(v * scale) for v in p) for p in ((r0, r1), (c0, c1)))
-                    out[:, :, a:b, c:d] = y[:, :, a - round(top * scale):b - round(top * scale),
-                                            c - round(left * scale):d - round(left * scale)]
-            if out is not None:
-                return out
-            if not sums:
-                raise RuntimeError("tiled pass stopped without reaching a GroupNorm")  # cannot happen
-            for m, (s, sq, n) in sums.items():  # every tile stopped at the same GroupNorm: freeze its statistics
-                mean = s / n
-                stats[m] = (mean.float(), (sq / n - mean * mean).clamp_min(0).float())
-            sums.clear()
-    finally:
-        for m in norms:
-            m.__dict__.pop("forward", None)
+
+def _tiled_resnet(blk: ResnetBlock, x: Tensor, tile: int) -> Tensor:
+    """blk(x), tiled: norm1's moments from x itself, norm2's from a pass of conv1 over the tiles, then the output
+    pass (conv1 again, conv2). Reach: two 3x3 convs, so a halo of 2."""
+    if max(x.shape[-2:]) <= tile:
+        return blk(x)
+    m1 = _map(_identity, x, tile, 0, moments=blk.norm1.num_groups)  # tile by tile: no full-size temporaries
+    m2 = _map(partial(_resnet, blk, m1, None), x, tile, 2, moments=blk.norm2.num_groups)
+    return _map(partial(_resnet, blk, m1, m2), x, tile, 2)
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -86,7 +86,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import sampling
+from . import sampling, validate
 from .masks import Reference, load_reference, require_nonempty, token_indices, token_mask, token_mask_rule
 from .personalize import encode_reference
 from .presets import PRESET, Settings, check_choice
@@ -142,7 +142,8 @@ def default_vital_layers(depth: int, depth_single: int) -> list[int]:
 
 
 def check_vital_layers(layers: Iterable[int], n_layers: int) -> list[int]:
-    """Sorted unique layer indices, each a valid attention layer 0..n_layers-1 of the loaded model."""
+    """Sorted unique layer indices, each a valid attention layer 0..n_layers-1 of the loaded model. An empty
+    list is an error: FreeCus without a vital layer shares nothing and would silently be plain generation."""
     out = set()
     for i in layers:
         if isinstance(i, bool) or not isinstance(i, int):
@@ -151,6 +152,9 @@ def check_vital_layers(layers: Iterable[int], n_layers: int) -> list[int]:
             raise ValueError(f"vital layer {i} is out of range: this model has {n_layers} attention layers "
                              f"(double blocks first, then single blocks), indices 0..{n_layers - 1}")
         out.add(i)
+    if not out:
+        raise ValueError("vital_layers is empty: FreeCus would share no attention (plain generation; use "
+                         "generate for that), give at least one layer index or None for the default")
     return sorted(out)
 
 
@@ -305,6 +309,12 @@ class FreeCusSettings(Settings):
             if isinstance(self.vital_layers, (str, bytes)) or not isinstance(self.vital_layers, Iterable):
                 raise TypeError(f"vital_layers must be a sequence of layer indices, got {self.vital_layers!r}")
             object.__setattr__(self, "vital_layers", tuple(self.vital_layers))
+        for name in ("lambda_ref", "lambda_prompt"):
+            validate.number(name, getattr(self, name), 0.0, validate.MAX_LAMBDA, lo_open=True)
+        if self.ans_mu is not None:
+            validate.number("ans_mu", self.ans_mu)
+        if self.vae_seed is not None:
+            validate.seed(self.vae_seed)
         check_choice("mu_shift_type", self.mu_shift_type, MU_SHIFT_TYPES)
         check_choice("mu_from", self.mu_from, MU_FROM)
         check_choice("ref_time", self.ref_time, REF_TIMES)
@@ -365,8 +375,9 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
         if len(reference) != 1:
             raise ValueError(f"FreeCus takes one reference, got {len(reference)}")
         reference = reference[0]
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    validate.generate_args(height, width, steps, guidance, seed, num_images)
+    if ref_seed is not None:
+        validate.seed(ref_seed)
     model = pipe.transformer
     cfg = model.cfg
     vital = check_vital_layers(default_vital_layers(cfg.depth, cfg.depth_single_blocks) if s.vital_layers is None
@@ -376,7 +387,8 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
     subject = token_indices(require_nonempty(token_mask_rule(mask, s.mask_rule), "the reference's subject mask"))
     h, w = sampling.latent_size(height, width)
     seq_len = (h // 2) * (w // 2)
-    steps = DEFAULT_STEPS[pipe.variant] if steps is None else steps
+    if steps is None:  # 30 (the authors' with FLUX.1-dev) unless the pipeline's own default is schnell's 4
+        steps = DEFAULT_STEPS["schnell" if pipe.default_steps == DEFAULT_STEPS["schnell"] else "dev"]
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [with_caption(p, caption) for p in prompts for _ in range(num_images)]

@@ -32,6 +32,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import _getdtype  # safetensors' own dtype names, not a hand-kept table
 
+# stored dtypes of quantized formats that are not weights on their own, refused by name (whatever safetensors'
+# table says): MX block scales (exponent only) and fp4 values packed two per byte
+NOT_WEIGHTS = {"F8_E8M0": "MX block scales (exponent only)", "F4": "fp4 values packed two per byte"}
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_JSON_BYTES = 64 << 20  # configs, indexes and tokenizer.json are far smaller
 
@@ -158,6 +162,9 @@ class LazyStateDict(Mapping):
 
     def dtype(self, key: str) -> torch.dtype:
         name = self._slice(key).get_dtype()
+        if name in NOT_WEIGHTS:
+            raise CheckpointError(f"{self.files[self._where[key]]}: tensor {key!r} has dtype {name}: "
+                                  f"{NOT_WEIGHTS[name]} of a quantized format, not weights minidit can read")
         try:
             return _getdtype(name)
         except (KeyError, ValueError, AttributeError):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .validate import integer
+
 PATCH = 16  # pixels per token side
 THRESHOLD = 0.5
 
@@ -106,7 +108,7 @@ def require_nonempty(tokens: Tensor, what: str = "mask") -> Tensor:
 
 def pixels_to_tokens(value: int, what: str = "offset") -> int:
     """A pixel distance -> tokens. Must be a multiple of 16 (a token is a 16x16 patch), else a clear error."""
-    value = int(value)
+    value = integer(what, value)
     if value % PATCH:
         raise ValueError(f"{what} {value} px is not a multiple of {PATCH} px (one token); "
                          f"round it to a multiple of {PATCH}")

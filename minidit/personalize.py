@@ -115,7 +115,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import sampling
+from . import sampling, validate
 from .masks import (PATCH, Reference, augment_mask, box_offset, image_tensor, load_reference, local_shuffle,
                     pixel_mask, pixels_to_tokens, require_nonempty, resize_image, token_indices, token_mask,
                     token_mask_rule, translate)
@@ -184,8 +184,11 @@ class _RFSettings(Settings):
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.start <= self.stop <= 1.0:
             raise ValueError(f"need 0 <= start <= stop <= 1, got start={self.start}, stop={self.stop}")
-        if self.eta_decay_power < 0:
-            raise ValueError(f"eta_decay_power must be >= 0, got {self.eta_decay_power}")
+        validate.number("eta_decay_power", self.eta_decay_power, 0.0)
+        if self.invert_guidance is not None:
+            validate.number("invert_guidance", self.invert_guidance, 0.0, validate.MAX_GUIDANCE)
+        if self.vae_seed is not None:
+            validate.seed(self.vae_seed)
 
     @property
     def tau_value(self) -> float:
@@ -346,6 +349,8 @@ def invert(pipe, image, prompt: str = "", *, steps: int | None = None, height: i
     """Encode and invert a reference image (path, PIL or (3, H, W) tensor in [-1, 1]) on the grid of `steps`
     steps at height x width (default: the image's size; a different size resizes the image). ε is
     `sampling.noise(1, H, W, seed)`; `grid` as `invert_latent`."""
+    validate.generate_args(height, width, steps, guidance, seed, 1)
+    validate.number("gamma", gamma, 0.0, 1.0)
     x = image_tensor(image)
     H, W = (height or x.shape[1]), (width or x.shape[2])
     x = resize_image(x, H, W)
@@ -567,11 +572,15 @@ def outpaint_canvas(image: Tensor, canvas: tuple[int, int], offset: tuple[int, i
     cropped (error if nothing is left)."""
     check_choice("paste", paste, PASTES)
     h, w = image.shape[1:]
-    W, H = (int(v) for v in canvas)
-    sampling.latent_size(H, W)  # the canvas; the image itself may have any size
+    if len(canvas) != 2:
+        raise ValueError(f"canvas must be (width, height) in pixels, got {canvas!r}")
+    W, H = (validate.integer(f"canvas {name}", v) for name, v in zip(("width", "height"), canvas))
+    validate.image_size(H, W, what="canvas ")  # the canvas; the image itself may have any size
     if offset is None:
         offset = ((W - w) // 2 // PATCH * PATCH, (H - h) // 2 // PATCH * PATCH)
-    ox, oy = (int(v) for v in offset)
+    if len(offset) != 2:
+        raise ValueError(f"offset must be (x, y) in pixels, got {offset!r}")
+    ox, oy = (validate.integer(f"offset {name}", v) for name, v in zip("xy", offset))
     if paste == "fit" and (ox < 0 or oy < 0 or ox + w > W or oy + h > H):
         raise ValueError(f"the {w}x{h} image at offset ({ox}, {oy}) does not fit on the {W}x{H} canvas")
     x0, y0, x1, y1 = max(ox, 0), max(oy, 0), min(ox + w, W), min(oy + h, H)
@@ -611,6 +620,7 @@ def personalize(pipe, prompt: str, reference: Reference | list[Reference], *, pl
         concat_steps=concat_steps, positions=positions, mask_rule=mask_rule, inversion_grid=inversion_grid,
         gamma=gamma, invert_guidance=invert_guidance, invert_prompt=invert_prompt, eta=eta, start=start, stop=stop,
         decay_eta=decay_eta, eta_decay_power=eta_decay_power, vae_sample=vae_sample, vae_seed=vae_seed)
+    validate.generate_args(height, width, steps, guidance, seed, num_images)
     refs = [reference] if isinstance(reference, Reference) else list(reference)
     if not refs:
         raise ValueError("need at least one Reference")
@@ -667,6 +677,7 @@ def inpaint(pipe, image, mask, prompt: str, *, steps: int | None = None, guidanc
         concat_steps=concat_steps, positions=positions, mask_rule=mask_rule, inversion_grid=inversion_grid,
         gamma=gamma, invert_guidance=invert_guidance, invert_prompt=invert_prompt, eta=eta, start=start, stop=stop,
         decay_eta=decay_eta, eta_decay_power=eta_decay_power, vae_sample=vae_sample, vae_seed=vae_seed, paste=paste)
+    validate.generate_args(None, None, steps, guidance, seed, num_images)
     x = image_tensor(image)
     H, W = x.shape[1:]
     resize_image(x, H, W)  # checks the size
@@ -702,6 +713,7 @@ def outpaint(pipe, image, prompt: str, canvas: tuple[int, int], *, offset: tuple
         concat_steps=concat_steps, positions=positions, mask_rule=mask_rule, inversion_grid=inversion_grid,
         gamma=gamma, invert_guidance=invert_guidance, invert_prompt=invert_prompt, eta=eta, start=start, stop=stop,
         decay_eta=decay_eta, eta_decay_power=eta_decay_power, vae_sample=vae_sample, vae_seed=vae_seed, paste=paste)
+    validate.generate_args(None, None, steps, guidance, seed, num_images)
     full, area = outpaint_canvas(image_tensor(image), canvas, offset, s.paste)
     return _edit(pipe, full, keep_tokens(area, s.mask_rule), prompt, s, steps=steps, guidance=guidance, seed=seed,
                  num_images=num_images, image_prompt=image_prompt, progress=progress,
@@ -724,8 +736,6 @@ def _edit(pipe, x: Tensor, keep: Tensor, prompt: str, s: EditSettings, *, return
 def _run(pipe, prompt: str, images: list[Tensor], ref_prompts: list[str], regions: list[Region], H: int, W: int,
          s: _RFSettings, *, steps, guidance, seed, num_images, blend, progress, trace):
     """Invert the references, then sample the batch [references; targets] -> the targets' packed latents."""
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
     timesteps = pipe.schedule(steps, H, W)
     n_replace = s.replace_steps(timesteps, pipe.dtype)
     needed = n_replace > 0 or s.concat

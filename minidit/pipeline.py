@@ -263,10 +263,7 @@ class Pipeline:
         alone); torch.Generator(s) are used as diffusers' `generator=`. negative_prompt + true_cfg_scale > 1:
         true classifier-free guidance (two forwards per step), as diffusers' FluxPipeline. latents: packed
         initial noise (B, N, 64) instead of drawing it."""
-        validate.generate_args(height, width, steps, guidance, seed, num_images)
-        sampling.latent_size(height, width)  # validates the resolution before any work
-        if steps is not None and steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        validate.generate_args(height, width, steps, guidance, seed, num_images, true_cfg_scale=true_cfg_scale)
         (txt, txt_ids, vec), negative = self.conditions(prompt, num_images, negative_prompt, true_cfg_scale)
         B, N = txt.shape[0], (height // 16) * (width // 16)
         if latents is None:
@@ -319,10 +316,8 @@ class Pipeline:
         image: a path or PIL image, resized (Lanczos) to height x width; default: its own size rounded down to
         multiples of 16. A seed list gives every image its own posterior sample and noise (as diffusers with
         one generator per copy of the image)."""
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        if steps is not None and steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        validate.number("strength", strength, 0.0, 1.0)
+        validate.generate_args(height, width, steps, guidance, seed, num_images, true_cfg_scale=true_cfg_scale)
         if not isinstance(image, Image.Image):
             if not Path(image).is_file():
                 raise FileNotFoundError(f"image not found: {image}")

@@ -87,15 +87,22 @@ def image_size(height, width, batch: int = 1, what: str = "") -> tuple[int, int]
     return h, w
 
 
-def generate_args(height, width, steps, guidance, seed_, num_images, batch: int = 1) -> None:
-    """The options every sampling entry point shares; `batch` = prompts per call (the images are batch x num)."""
+def generate_args(height, width, steps, guidance, seed_, num_images, batch: int = 1,
+                  true_cfg_scale=None) -> None:
+    """The options every sampling entry point shares (generate, img2img, personalize, inpaint, outpaint,
+    freecus): None = not given. `batch` = prompts per call (the images are batch x num)."""
     integer("num_images", num_images, 1, MAX_IMAGES)
-    if height is not None or width is not None:
+    if height is not None and width is not None:
         image_size(height, width, batch * num_images)
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and integer(name, side, 16, MAX_SIDE) % 16:
+            raise ValueError(f"{name} must be a multiple of 16, got {side}")
     if steps is not None:
         integer("steps", steps, 1, MAX_STEPS)
     if guidance is not None:
         number("guidance", guidance, 0.0, MAX_GUIDANCE)
+    if true_cfg_scale is not None:
+        number("true_cfg_scale", true_cfg_scale, 0.0, MAX_GUIDANCE)
     seed(seed_)
 
 

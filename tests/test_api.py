@@ -210,7 +210,7 @@ def test_img2img_strength_and_size(pipes):
     high = pipe.img2img(pic, "x", strength=1.0, steps=4, return_latents=True)
     start = pipe.encode_image(pil_to_tensor(pic.resize((48, 64), Image.LANCZOS)))
     assert (low - start).abs().mean() < (high - start).abs().mean()  # lower strength stays closer to the input
-    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"strength must lie in \[0.0, 1.0\]"):
         pipe.img2img(pic, "x", strength=1.5)
     with pytest.raises(ValueError, match="leaves no denoising step"):  # any strength > 0 keeps one step
         pipe.img2img(pic, "x", strength=0.0, steps=4)

@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
+from minidit import autoencoder
 from minidit.autoencoder import AutoEncoder, AutoEncoderConfig, load_autoencoder
 from minidit.loading import CheckpointError
 from minidit.weights.tiny_ae import diffusers_config, tiny_ae_state_dict, write_tiny_ae
@@ -140,38 +141,44 @@ def test_full_size_layout_on_meta():
 
 
 # ------------------------------------------------------------------------------------------------- tiling
-@pytest.mark.parametrize("b,h,w,tile", [(2, 128, 96, 32), (1, 256, 128, 32)])
-def test_tiled_matches_untiled(ae, b, h, w, tile):
+@pytest.mark.parametrize("b,h,w,tile", [(2, 128, 96, 32), (1, 256, 128, 32), (1, 80, 112, 48)])
+def test_tiled_matches_untiled(ae, b, h, w, tile, monkeypatch):
     x = _images(b, h, w)
-    calls = []
-    stage = ae.decoder.stage
+    calls = []  # per _map call: (input side, crop sides)
+    real = autoencoder._map
+
+    def spy(fn, t, tile, halo, **kw):
+        crops = []
+        calls.append((tuple(t.shape[-2:]), crops))
+        return real(lambda c: crops.append(tuple(c.shape[-2:])) or fn(c), t, tile, halo, **kw)
     with torch.no_grad():
-        z = ae.encode(x)
+        z, y = ae.encode(x), ae.decode(ae.encode(x))
+        monkeypatch.setattr(autoencoder, "_map", spy)
         zt = ae.encode(x, tile=tile)
-        y = ae.decode(z)
-        ae.decoder.stage = lambda i, t: calls.append((i, tuple(t.shape[-2:]))) or stage(i, t)
-        try:
-            yt = ae.decode(z, tile=tile)
-        finally:
-            del ae.decoder.stage
-    # really tiled: the last level ran only on crops smaller than its input (h/2, w/2), more of them than the
-    # 6 passes it needs (5 GroupNorms), so several crops per pass
-    crops = [s for i, s in calls if i == 0]
-    assert all(c[0] < h // 2 or c[1] < w // 2 for c in crops) and len(crops) > 6
-    assert not any("forward" in m.__dict__ for m in ae.modules())  # GroupNorms restored
-    # measured: max abs diff ~2e-6 (latents, magnitude ~1) and ~8e-6 (images, magnitude ~10)
+        yt = ae.decode(z, tile=tile)
+    # really tiled: the decoder's last layer (conv_out, halo 1) ran on ceil(h/tile) x ceil(w/tile) crops, each at
+    # most tile + 2 a side; the (80, 112, 48) case has partial last tiles (80 = 48 + 32, 112 = 48 + 48 + 16)
+    side, crops = calls[-1]
+    assert side == (h, w) and len(crops) == -(-h // tile) * -(-w // tile)
+    assert all(r <= tile + 2 and c <= tile + 2 for r, c in crops)
+    # measured: max abs diff ~1e-6 (latents, magnitude ~1) and ~5e-6 (images, magnitude ~5)
     torch.testing.assert_close(zt, z, **TOL)
     torch.testing.assert_close(yt, y, **TOL)
 
 
-def test_tiling_overlap_matters(ae, monkeypatch):
-    """Control for the test above: with too small an overlap the crops' padded edges show."""
-    z = torch.randn(1, 16, 24, 16)
+def test_tiling_halo_and_statistics_matter(ae, monkeypatch):
+    """Controls for the test above: without the halo the crops' padded edges show; with each crop's own
+    GroupNorm statistics (as diffusers' tiling) the result changes too."""
+    z = torch.randn(1, 16, 10, 14)
+    real_map = autoencoder._map
     with torch.no_grad():
         y = ae.decode(z)
-        monkeypatch.setattr(AutoEncoder, "_overlap", lambda self, tile, x: 2)
-        yt = ae.decode(z, tile=64)
-    assert (yt - y).abs().max() > 1e-3
+        assert (ae.decode(z, tile=48) - y).abs().max() < 1e-5
+        monkeypatch.setattr(autoencoder, "_map", lambda fn, x, tile, halo, **kw: real_map(fn, x, tile, 0, **kw))
+        assert (ae.decode(z, tile=48) - y).abs().max() > 1e-3
+        monkeypatch.setattr(autoencoder, "_map", real_map)
+        monkeypatch.setattr(autoencoder, "_group_norm", lambda mod, m, h: mod(h))
+        assert (ae.decode(z, tile=48) - y).abs().max() > 1e-3
 
 
 def test_tiling_errors(ae):

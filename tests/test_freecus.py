@@ -319,10 +319,17 @@ def box(x, y, bw, bh, height=HP, width=WP):
 REF = Reference(picture(), box(16, 16, 48, 32))  # tokens rows 1-2, cols 1-3
 
 
-def test_pipeline_without_vital_layers_is_generate(pipe):
+def test_pipeline_without_vital_layers_is_generate(pipe, monkeypatch):
+    """An empty vital-layer list is refused (it would silently be plain generation); forced past that check,
+    the sampler without sharing is exactly `generate`."""
     kw = dict(height=HP, width=WP, steps=3, seed=5, guidance=3.5, return_latents=True)
+    with pytest.raises(ValueError, match="vital_layers is empty"):
+        pipe.freecus("a corgi on a beach", REF, vital_layers=[], **kw)
     plain = pipe.generate("a corgi on a beach", **kw)
-    ours = pipe.freecus("a corgi on a beach", REF, vital_layers=[], lambda_ref=1.0, lambda_prompt=1.0, **kw)
+    import minidit.freecus as fc
+    with monkeypatch.context() as m:
+        m.setattr(fc, "check_vital_layers", lambda layers, n: [])
+        ours = pipe.freecus("a corgi on a beach", REF, lambda_ref=1.0, lambda_prompt=1.0, **kw)
     assert torch.equal(ours, plain)
     shared = pipe.freecus("a corgi on a beach", REF, **kw)  # default vital layers: all four of the tiny model
     assert (shared - plain).abs().max() > 1e-3

@@ -176,6 +176,66 @@ def test_api_ranges_and_types(repo):
         pipe.decode(torch.full((1, 4, 64), float("nan")), 32, 32)
 
 
+def test_method_api_checks_every_option_before_any_work(repo, monkeypatch):
+    """The Python API of every method validates its options as the CLI does, before a model runs (nan, inf,
+    out-of-range, floats for ints); FreeCus without a vital layer is an error, not plain generation."""
+    from minidit.masks import Reference
+    from minidit.pipeline import Pipeline
+    pipe = Pipeline.load(repo, device="cpu")
+
+    def tripwire(*a, **k):
+        raise AssertionError("a model ran before the bad option was reported")
+    monkeypatch.setattr(pipe, "_use", tripwire)
+    img = Image.new("RGB", (32, 32), (200, 40, 40))
+    ref = Reference(img, (0, 0, 16, 16))
+    nan, inf = float("nan"), float("inf")
+    cases = [
+        (pipe.generate, ("x",), dict(true_cfg_scale=nan), "true_cfg_scale is nan"),
+        (pipe.img2img, (img, "x"), dict(strength=nan), "strength is nan"),
+        (pipe.img2img, (img, "x"), dict(guidance=inf), "guidance is inf"),
+        (pipe.invert, (img,), dict(gamma=2.0), r"gamma must lie in \[0.0, 1.0\]"),
+        (pipe.invert, (img,), dict(steps=0), "steps must be >= 1"),
+        (pipe.personalize, ("x", ref), dict(guidance=nan), "guidance is nan"),
+        (pipe.personalize, ("x", ref), dict(steps=10 ** 6), "steps must be <="),
+        (pipe.personalize, ("x", ref), dict(seed=-1), "seed must be >= 0"),
+        (pipe.personalize, ("x", ref), dict(num_images=0), "num_images must be >= 1"),
+        (pipe.personalize, ("x", ref), dict(height=40, width=32), "multiples of 16"),
+        (pipe.personalize, ("x", ref), dict(height=32), None),  # one side alone is range-checked too: fine
+        (pipe.personalize, ("x", ref), dict(placement=(16.5, 0)), "x offset must be an integer"),
+        (pipe.personalize, ("x", ref), dict(eta=inf), "eta must be in"),
+        (pipe.personalize, ("x", ref), dict(vae_seed=-3), "seed must be >= 0"),
+        (pipe.personalize, ("x", ref), dict(eta_decay_power=nan), "eta_decay_power is nan"),
+        (pipe.inpaint, (img, (0, 0, 16, 16), "x"), dict(guidance=-1.0), "guidance must lie in"),
+        (pipe.inpaint, (img, (0, 0, 16, 16), "x"), dict(steps=1.5), "steps must be an integer"),
+        (pipe.outpaint, (img, "x", (0, 64)), {}, "canvas width must be >= 16"),
+        (pipe.outpaint, (img, "x", (64.0, 64)), {}, "canvas width must be an integer"),
+        (pipe.outpaint, (img, "x", (64, 64)), dict(offset=(nan, 0)), "offset x must be an integer"),
+        (pipe.outpaint, (img, "x", (64, 64)), dict(seed=2 ** 64), "seed must be <="),
+        (pipe.freecus, ("x", ref), dict(lambda_ref=nan), "lambda_ref is nan"),
+        (pipe.freecus, ("x", ref), dict(lambda_prompt=0.0), r"lambda_prompt must lie in \(0.0"),
+        (pipe.freecus, ("x", ref), dict(vital_layers=[]), "vital_layers is empty"),
+        (pipe.freecus, ("x", ref), dict(ref_seed=-1), "seed must be >= 0"),
+        (pipe.freecus, ("x", ref), dict(guidance=nan), "guidance is nan"),
+        (pipe.freecus, ("x", ref), dict(ans_mu=inf), "ans_mu is inf"),
+    ]
+    for fn, args, kw, msg in cases:
+        if msg is None:  # valid options: the first model use is reached
+            with pytest.raises(AssertionError, match="a model ran"):
+                fn(*args, **kw)
+            continue
+        with pytest.raises((ValueError, TypeError), match=msg):
+            fn(*args, **kw)
+
+
+def test_quantized_block_scales_are_not_weights(tmp_path):
+    if not hasattr(torch, "float8_e8m0fnu"):
+        pytest.skip("this torch has no float8_e8m0fnu")
+    sd = open_checkpoint(_tiny(tmp_path, {"weight": torch.ones(4, 3).to(torch.float8_e8m0fnu),
+                                          "bias": torch.zeros(4)}))
+    with pytest.raises(CheckpointError, match="'weight' has dtype F8_E8M0: MX block scales"):
+        sd.dtype("weight")
+
+
 def test_non_finite_tensors_given_to_the_api():
     from minidit.masks import image_tensor
     with pytest.raises(ValueError, match="mask tensor holds NaN"):

@@ -47,6 +47,28 @@ def test_checkpoint_round_trips(smoke, tmp_path):
     assert all(torch.equal(s1[i]["exp_avg_sq"], s2[i]["exp_avg_sq"]) for i in s1)
 
 
+def test_dit_stage_extends_and_stops_at_a_step(smoke, tmp_path):
+    """--extend stretches a finished run to a new total; --stop-at ends it early at a step of that schedule,
+    and a step already reached trains nothing more."""
+    import shutil
+
+    from safetensors import safe_open
+    work = tmp_path / "w"
+    shutil.copytree(smoke, work)
+
+    def meta():
+        with safe_open(str(work / "dit.safetensors"), "pt") as f:
+            return int(f.metadata()["step"]), int(f.metadata()["steps"])
+    assert meta() == (6, 6)
+    T.stage_dit(work, work / "repo", 10, 0, batch=4, extend=True, stop_at=8)
+    assert meta() == (8, 10)
+    before = (work / "dit.safetensors").read_bytes()
+    T.stage_dit(work, work / "repo", 10, 0, batch=4, extend=True, stop_at=8)
+    assert (work / "dit.safetensors").read_bytes() == before
+    T.stage_dit(work, work / "repo", 10, 0, batch=4)
+    assert meta() == (10, 10)
+
+
 def test_dit_loss_goes_down_on_a_fixed_batch(smoke):
     """The rectified-flow objective as the DiT stage computes it, on one fixed batch of the smoke latents."""
     from safetensors.torch import load_file

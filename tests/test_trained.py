@@ -9,13 +9,15 @@ import torch
 from minidit.pipeline import Pipeline
 from minidit.weights import quality as Q
 
-N, STEPS = 6, 16
-# measured with these N/STEPS (bench/RESULTS.md, "Tiny trained model"): personalize 9.95 dB in the subject vs
-# 9.10 plain (wrong tokens: 8.66); inpaint kept region 27.7 dB (τ = 1: 10.6); FreeCus reference colour 2/6 vs
-# plain 1/6. Thresholds sit between the working and the broken values.
-PA_PSNR, PA_GAIN = 9.3, 0.4
+N, STEPS = 12, 16   # scenes per measurement (inpainting: 6), sampling steps
+# measured with these N/STEPS on the 8312-step model (bench/RESULTS.md, "Tiny trained model"): text-to-image
+# mean attribute accuracy 0.33, position 0.75 (text zeroed: 0.17, 0.25; chance 0.17, 0.20); personalize 10.34 dB
+# in the subject vs 9.41 plain (wrong tokens: 9.18); inpaint kept region 28.8 dB (τ = 1: 13.8); FreeCus reference
+# colour 4/12 vs plain 1/12 (sharing off: 1/12). Thresholds sit between the working and the broken values.
+T2I_MEAN, T2I_POSITION = 0.25, 0.5
+PA_PSNR, PA_GAIN = 9.8, 0.5
 INPAINT_PSNR = 20.0
-FREECUS_GAIN = 0.1
+FREECUS_GAIN = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,16 @@ def pipe():
 def test_builtin_default_is_the_trained_model(pipe):
     assert "trained" in pipe.name and pipe.transformer.cfg.hidden_size == 128
     assert pipe.text.max_length == 48  # the T5 length it was trained with, read from tokenizer_2
+
+
+def test_text_to_image_follows_the_prompt(pipe, monkeypatch):
+    r = Q.t2i(pipe, n=N, steps=STEPS)
+    assert r["mean"] >= T2I_MEAN and r["position"] >= T2I_POSITION, r
+    # broken: the text is zeroed (T5 tokens and the pooled CLIP vector), so only the noise decides
+    real = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda p: (lambda t, ids, v: (t * 0, ids, v * 0))(*real(p)))
+    broken = Q.t2i(pipe, n=N, steps=STEPS)
+    assert not (broken["mean"] >= T2I_MEAN and broken["position"] >= T2I_POSITION), broken
 
 
 def test_personalize_copies_the_subject(pipe, monkeypatch):
@@ -43,19 +55,22 @@ def test_personalize_copies_the_subject(pipe, monkeypatch):
 
 
 def test_inpaint_keeps_the_preserved_region(pipe):
-    r = Q.inpaint(pipe, n=N, steps=STEPS)
+    r = Q.inpaint(pipe, n=6, steps=STEPS)
     assert r["psnr_kept"] >= INPAINT_PSNR, r
     # broken: τ = 1 replaces nothing, so nothing is preserved but what the model happens to redraw
-    broken = Q.inpaint(pipe, n=N, steps=STEPS, tau=1.0)
+    broken = Q.inpaint(pipe, n=6, steps=STEPS, tau=1.0)
     assert broken["psnr_kept"] < INPAINT_PSNR, broken
 
 
-def test_freecus_transfers_the_subject(pipe):
+def test_freecus_transfers_the_subject(pipe, monkeypatch):
     r = Q.freecus(pipe, n=N, steps=STEPS, caption=False)
     plain = Q.freecus(pipe, n=N, steps=STEPS, caption=False, plain=True)
     assert r["colour"] - plain["colour"] >= FREECUS_GAIN, (r, plain)
-    # broken: attention sharing off (no vital layer: the reference never enters the target's attention)
-    broken = Q.freecus(pipe, n=N, steps=STEPS, caption=False, vital_layers=[])
+    # broken: attention sharing off (no vital layer: the reference never enters the target's attention; the
+    # API refuses an empty list, so the check that would refuse it is bypassed)
+    import minidit.freecus as fc
+    monkeypatch.setattr(fc, "check_vital_layers", lambda layers, n: [])
+    broken = Q.freecus(pipe, n=N, steps=STEPS, caption=False)
     assert broken["colour"] - plain["colour"] < FREECUS_GAIN, (broken, plain)
 
 

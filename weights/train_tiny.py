@@ -175,14 +175,19 @@ def init_dit(cfg: FluxConfig, seed: int) -> Flux:
 
 
 def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr: float = 5e-4,
-              ckpt_every_s: float = 300.0, minutes: float | None = None, extend: bool = False) -> None:
+              ckpt_every_s: float = 300.0, minutes: float | None = None, extend: bool = False,
+              compile: bool = False, stop_at: int | None = None) -> None:
     """`minutes`: instead of a step count, time the first 20 steps and fix the total that fits (logged and
-    stored in the checkpoint, so `--dit-steps N` reproduces the run)."""
+    stored in the checkpoint, so `--dit-steps N` reproduces the run). `compile`: torch.compile the forward
+    (measured on the 2-core CPU: 0.56 instead of 0.75 s per step, after ~90 s of compiling). `stop_at`: end the
+    stage after that many steps of the run's schedule (the cosine keeps the run's total; the checkpoint records
+    the step reached, so a later call resumes from it)."""
     latents = load_file(work / "latents.safetensors")["latents"]
     scenes = [scene_from_dict(d) for d in json.loads((work / "scenes.json").read_text())]
     text = TextEncoder.load(repo, device="cpu", dtype=torch.float32, max_length=T5_LENGTH)
     model, ckpt = init_dit(DIT, seed), work / "dit.safetensors"
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    forward = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     start = 0
     if ckpt.exists():
@@ -195,11 +200,13 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
     img_ids = sampling.image_ids(batch, SIZE, SIZE)
     t0, last_ckpt, avg = time.time(), time.time(), None
     step = start
-    while step < steps:
+    end = steps if stop_at is None else min(steps, stop_at)
+    while step < end:
         if minutes is not None and step == start + 20:
             rate = (time.time() - t0) / 20
             steps = max(start + 21, int(minutes * 60 / rate))
             log(f"dit: {rate:.2f} s/step -> {steps} steps in {minutes} minutes")
+            end = steps if stop_at is None else min(steps, stop_at)
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         idx = torch.randint(len(scenes), (batch,), generator=g)
@@ -211,7 +218,7 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
         eps = torch.randn(x0.shape, generator=g)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            v = model(xt, img_ids, txt, sampling.text_ids(batch, txt.shape[1]), t, vec)
+            v = forward(xt, img_ids, txt, sampling.text_ids(batch, txt.shape[1]), t, vec)
         loss = F.mse_loss(v.float(), eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -223,7 +230,7 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
         avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             log(f"dit step {step}/{steps} loss {avg:.4f} ({time.time() - t0:.0f} s)")
-        if time.time() - last_ckpt > ckpt_every_s or step == steps - 1:
+        if time.time() - last_ckpt > ckpt_every_s or step == end - 1:
             save_checkpoint(ckpt, model, ema, opt, step + 1, steps, avg)
             last_ckpt = time.time()
         step += 1
@@ -296,6 +303,9 @@ def main(argv=None) -> None:
                     "(the cosine schedule is stretched to the new total)")
     ap.add_argument("--dit-minutes", type=float, default=None, help="fit the step count to this budget instead")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--stop-at", type=int, default=None, help="end the DiT stage after this many steps of its "
+                    "schedule (then export); a step already reached exports that checkpoint")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the DiT's forward (faster after ~90 s)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
     args = ap.parse_args(argv)
@@ -321,7 +331,7 @@ def main(argv=None) -> None:
         stage_data(work, args.images, args.seed)
     log("stage dit")
     stage_dit(work, repo, args.dit_steps, args.seed, batch=args.batch, minutes=args.dit_minutes,
-              extend=args.extend)
+              extend=args.extend, compile=args.compile, stop_at=args.stop_at)
     out = stage_export(work, repo, Path(args.out) if args.out else work / "repo-final")
     log(f"exported {out}")
 
