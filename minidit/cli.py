@@ -119,8 +119,11 @@ def default_size(args, pipe) -> tuple[int, int]:
     return args.height or d, args.width or d
 
 
-def load_pipeline(args):
-    validate.cli_inputs(args)  # every option, input file and the output path, before any model loads
+def load_pipeline(args, checked: bool = False):
+    """The pipeline the options name; first (unless `checked`: `_settings` ran them) the checks of every option,
+    input file and the output path, so a bad one costs no model load."""
+    if not checked:
+        validate.cli_inputs(args)
     from .pipeline import Pipeline
     weights = metadata.check_weights(args)  # what --weights / --transformer ... name, and what is missing
     if builtin(args):
@@ -222,7 +225,7 @@ def cmd_freecus(args) -> None:
     settings = _settings(FreeCusSettings, args, lambda_ref=args.lambda_ref, lambda_prompt=args.lambda_prompt,
                          vital_layers=None if vital is None else tuple(vital),
                          mu_shift_type="target" if args.no_ans else args.mu_shift_type)
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args, checked=True)
     ref = Reference(args.ref, _mask_arg(args.mask), args.ref_prompt)
     metadata.run(args, pipe, "freecus", todo, lambda prompt, seed: freecus(
         pipe, prompt, ref, caption=args.caption, preset=settings, seed=seed, steps=args.steps,
@@ -295,7 +298,7 @@ def preset_args(p: argparse.ArgumentParser, what: str) -> None:
 
 def _settings(cls, args, **flags):
     """The preset with the dedicated flags (None = not given) and every --set FIELD=VALUE applied. The CLI's
-    own checks run first (again in load_pipeline; they are cheap), so a bad flag keeps its --flag message."""
+    own checks run first (so a bad flag keeps its --flag message); the command's load_pipeline then skips them."""
     from .presets import PRESET
     validate.cli_inputs(args)
     given = {k: (PRESET if v is None else v) for k, v in flags.items()}
@@ -331,7 +334,7 @@ def cmd_personalize(args) -> None:
     from .personalize import PersonalizeSettings
     settings = _settings(PersonalizeSettings, args, tau=args.tau, perturb=False if args.no_perturb else None,
                          positions=args.positions, concat=False if args.no_concat else None)
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args, checked=True)
     metadata.run(args, pipe, "personalize", todo, lambda prompt, seed: personalize(
         pipe, prompt, refs, placement=placement, scene=scene, preset=settings, height=args.height,
         width=args.width, steps=args.steps, guidance=args.guidance, seed=seed, progress=not args.quiet), {
@@ -350,7 +353,7 @@ def cmd_inpaint(args) -> None:
     todo = metadata.plan(args)
     from .personalize import EditSettings
     settings = _settings(EditSettings, args, tau=args.tau, blend=args.blend)
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args, checked=True)
     metadata.run(args, pipe, "inpaint", todo, lambda prompt, seed: inpaint(
         pipe, args.image, mask, prompt, preset=settings, steps=args.steps, guidance=args.guidance, seed=seed,
         image_prompt=args.image_prompt, progress=not args.quiet),
@@ -371,7 +374,7 @@ def cmd_outpaint(args) -> None:
     todo = metadata.plan(args)
     from .personalize import EditSettings
     settings = _settings(EditSettings, args, tau=args.tau, blend=args.blend)
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args, checked=True)
     metadata.run(args, pipe, "outpaint", todo, lambda prompt, seed: outpaint(
         pipe, args.image, prompt, canvas, offset=offset, preset=settings, steps=args.steps, guidance=args.guidance,
         seed=seed, image_prompt=args.image_prompt, progress=not args.quiet), {"image": args.image, "canvas": "{}x{}".format(*canvas),

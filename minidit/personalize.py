@@ -574,8 +574,7 @@ def outpaint_canvas(image: Tensor, canvas: tuple[int, int], offset: tuple[int, i
     h, w = image.shape[1:]
     if len(canvas) != 2:
         raise ValueError(f"canvas must be (width, height) in pixels, got {canvas!r}")
-    W, H = (validate.integer(f"canvas {name}", v) for name, v in zip(("width", "height"), canvas))
-    validate.image_size(H, W, what="canvas ")  # the canvas; the image itself may have any size
+    H, W = validate.image_size(canvas[1], canvas[0], what="canvas ")  # the canvas; the image may have any size
     if offset is None:
         offset = ((W - w) // 2 // PATCH * PATCH, (H - h) // 2 // PATCH * PATCH)
     if len(offset) != 2:

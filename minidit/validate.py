@@ -73,12 +73,17 @@ def _memory_bytes() -> int:
         return 1 << 40
 
 
+def image_side(name: str, x) -> int:
+    """One side of an image in pixels: a multiple of 16 (one token) in [16, MAX_SIDE]."""
+    x = integer(name, x, 16, MAX_SIDE)
+    if x % 16:
+        raise ValueError(f"{name} {x}: FLUX needs sizes that are multiples of 16")
+    return x
+
+
 def image_size(height, width, batch: int = 1, what: str = "") -> tuple[int, int]:
-    """Positive multiples of 16 up to MAX_SIDE, whose batch of decoded fp32 images fits in host memory."""
-    h = integer(f"{what}height", height, 16, MAX_SIDE)
-    w = integer(f"{what}width", width, 16, MAX_SIDE)
-    if h % 16 or w % 16:
-        raise ValueError(f"{what}height and {what}width must be multiples of 16, got {h}x{w} (HxW)")
+    """Two `image_side`s whose batch of decoded fp32 images fits in host memory."""
+    h, w = image_side(f"{what}height", height), image_side(f"{what}width", width)
     need = batch * 3 * h * w * 4  # the decoded fp32 images alone; latents and activations come on top
     if need > _memory_bytes():
         raise ValueError(f"{batch} image(s) of {h}x{w} need {need / 2**30:.1f} GiB for the decoded pixels alone, "
@@ -87,16 +92,20 @@ def image_size(height, width, batch: int = 1, what: str = "") -> tuple[int, int]
     return h, w
 
 
+def given_size(height, width, batch: int = 1, what: str = "") -> None:
+    """`image_size` when both sides are given, `image_side` when one is (the other comes from an image)."""
+    if height is not None and width is not None:
+        image_size(height, width, batch, what)
+    elif height is not None or width is not None:
+        image_side(f"{what}height" if width is None else f"{what}width", height if width is None else width)
+
+
 def generate_args(height, width, steps, guidance, seed_, num_images, batch: int = 1,
                   true_cfg_scale=None) -> None:
     """The options every sampling entry point shares (generate, img2img, personalize, inpaint, outpaint,
     freecus): None = not given. `batch` = prompts per call (the images are batch x num)."""
     integer("num_images", num_images, 1, MAX_IMAGES)
-    if height is not None and width is not None:
-        image_size(height, width, batch * num_images)
-    for name, side in (("height", height), ("width", width)):
-        if side is not None and integer(name, side, 16, MAX_SIDE) % 16:
-            raise ValueError(f"{name} must be a multiple of 16, got {side}")
+    given_size(height, width, batch * num_images)
     if steps is not None:
         integer("steps", steps, 1, MAX_STEPS)
     if guidance is not None:
@@ -134,12 +143,7 @@ def cli_inputs(args) -> None:
             if text is not None and not _utf8(text):
                 raise ValueError(f"--{dest.replace('_', '-')} is not valid UTF-8 text")
     n = integer("--num-images", getattr(args, "num_images", 1), 1, MAX_IMAGES)
-    for dest in ("height", "width"):
-        v = getattr(args, dest, None)
-        if v is not None and (integer(f"--{dest}", v, 16, MAX_SIDE) % 16):
-            raise ValueError(f"--{dest} {v}: FLUX needs sizes that are multiples of 16")
-    if getattr(args, "height", None) and getattr(args, "width", None):
-        image_size(args.height, args.width, n, what="--")
+    given_size(getattr(args, "height", None), getattr(args, "width", None), n, what="--")
     if args.steps is not None:
         integer("--steps", args.steps, 1, MAX_STEPS)
     number("--guidance", args.guidance, 0.0, MAX_GUIDANCE)

@@ -60,6 +60,7 @@ DIT = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=
 # autoencoder phases: (steps, crop pixels, batch, lr); each starts from the previous one's weights. Whole images
 # last: GroupNorm's statistics over a crop are not those of a whole image.
 AE_PHASES = ((400, 96, 8, 2e-3), (1200, 64, 16, 2e-3), (150, SIZE, 4, 5e-4))
+AE_FINAL = f"ae_phase{len(AE_PHASES) - 1}.safetensors"  # the last phase's weights: what is encoded and exported
 MU = sampling.calculate_mu((SIZE // 16) ** 2)   # 0.5: FLUX.1-dev's shift at 256 image tokens
 SCHEDULER = {**SCHEDULERS["dev"]}               # dynamic shifting, as it is trained
 EMA = 0.995                                     # of the exported DiT weights (a ~200-step window)
@@ -137,7 +138,7 @@ def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, crop: int = 128,
 @torch.no_grad()
 def stage_data(work: Path, n: int, seed: int) -> None:
     ae = AutoEncoder(AutoEncoderConfig.tiny())
-    ae.load_state_dict(load_file(work / f"ae_phase{len(AE_PHASES) - 1}.safetensors"))
+    ae.load_state_dict(load_file(work / AE_FINAL))
     rng = random.Random(seed + 2)
     scenes, means, t0 = [], [], time.time()
     for start in range(0, n, 32):
@@ -200,13 +201,11 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
     img_ids = sampling.image_ids(batch, SIZE, SIZE)
     t0, last_ckpt, avg = time.time(), time.time(), None
     step = start
-    end = steps if stop_at is None else min(steps, stop_at)
-    while step < end:
+    while step < (end := steps if stop_at is None else min(steps, stop_at)):  # `steps` may be refitted below
         if minutes is not None and step == start + 20:
             rate = (time.time() - t0) / 20
             steps = max(start + 21, int(minutes * 60 / rate))
             log(f"dit: {rate:.2f} s/step -> {steps} steps in {minutes} minutes")
-            end = steps if stop_at is None else min(steps, stop_at)
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         idx = torch.randint(len(scenes), (batch,), generator=g)
@@ -277,7 +276,7 @@ def stage_export(work: Path, repo: Path, out: Path) -> Path:
         meta = f.metadata()
     ae_cfg = replace(AutoEncoderConfig.tiny(), scale_factor=float(meta["scale_factor"]),
                      shift_factor=float(meta["shift_factor"]))
-    ae_sd = {k: v.half() for k, v in load_file(work / f"ae_phase{len(AE_PHASES) - 1}.safetensors").items()}
+    ae_sd = {k: v.half() for k, v in load_file(work / AE_FINAL).items()}
     write_tiny_ae(tmp / "ae.safetensors", ae_cfg, sd=ae_sd)
     write_tiny_ae(tmp / "vae", ae_cfg, layout="diffusers", sd=ae_sd)
     sd = load_file(work / "dit.safetensors")
