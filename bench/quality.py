@@ -34,8 +34,14 @@ def t2i_rows(pipe, n, steps):
             ("text-to-image", "the renderer's own images (detector ceiling)",
              f"{r['colour_renderer']:.2f} / {r['shape_renderer']:.2f} / {r['position_renderer']:.2f} / "
              f"{r['background_renderer']:.2f}"),
+            ("text-to-image", "the renders through the model's autoencoder (the model's ceiling)",
+             " / ".join(f"{r[k + '_autoencoder']:.2f}" for k in ("colour", "shape", "position", "background"))),
             ("text-to-image", "chance",
              " / ".join(f"{Q.CHANCE[k]:.2f}" for k in ("colour", "shape", "position", "background")))]
+    x = Q.text_scramble(pipe)
+    rows.append(("text encoder", "one colour word changed: later tokens' relative change / cosine, same "
+                 "position / cosine, unrelated tokens", f"{x['relative_change']:.2f} / {x['cosine_same_position']:.2f}"
+                 f" / {x['cosine_other_tokens']:.2f}"))
     return rows
 
 

@@ -73,12 +73,20 @@ def attributes(image, scene: world.Scene) -> dict[str, bool]:
             "position": got["position"] == want.position, "background": got["background"] == scene.bg}
 
 
+def round_trip(pipe, image) -> Image.Image:
+    """`image` through the pipeline's autoencoder (encode, decode): the best any of its generations can look."""
+    x = torch.from_numpy(as_array(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    return pipe.decode(pipe.encode_image(x), x.shape[2], x.shape[3])[0]
+
+
 def t2i(pipe, n: int = 32, seed: int = 0, steps: int | None = None, true_cfg: float = 4.0,
         batch: int = 16) -> dict[str, float]:
-    """Attribute accuracy of generated images for n evaluation captions (and of the renderer's own images)."""
+    """Attribute accuracy of generated images for n evaluation captions, of the renderer's own images (the
+    detectors' ceiling) and of those renders through the model's autoencoder (the model's own ceiling: what its
+    training latents decode to)."""
     scenes = eval_scenes(n, seed)
     gen = {"colour": 0, "shape": 0, "position": 0, "background": 0}
-    ref = dict(gen)
+    ref, ae = dict(gen), dict(gen)
     for i in range(0, n, batch):
         chunk = scenes[i:i + batch]
         images = pipe.generate([world.caption(s) for s in chunk], height=SIZE, width=SIZE, steps=steps,
@@ -88,10 +96,31 @@ def t2i(pipe, n: int = 32, seed: int = 0, steps: int | None = None, true_cfg: fl
                 gen[k] += v
             for k, v in attributes(world.render(s, SIZE), s).items():
                 ref[k] += v
+            for k, v in attributes(round_trip(pipe, world.render(s, SIZE)), s).items():
+                ae[k] += v
     out = {f"{k}": gen[k] / n for k in gen}
     out.update({f"{k}_renderer": ref[k] / n for k in ref})
+    out.update({f"{k}_autoencoder": ae[k] / n for k in ae})
     out["mean"] = float(np.mean([gen[k] / n for k in gen]))
     return out
+
+
+def text_scramble(pipe, a: str = "a large red circle in the centre, on a blue background",
+                  b: str = "a large green circle in the centre, on a blue background") -> dict[str, float]:
+    """How much the T5 features of two captions one word apart differ: the mean relative change of the tokens
+    after the changed one, the mean cosine of the same positions in the two captions, and the mean
+    cosine of two different tokens of one caption (what "unrelated" looks like). A text encoder that kept words
+    apart would change little but the one word."""
+    ta, tb = (pipe.encode_prompt(c)[0][0].float() for c in (a, b))
+    ia, ib = pipe.text.t5_tokenizer.encode(a), pipe.text.t5_tokenizer.encode(b)   # ids, </s> included
+    words = len(ia)
+    first = next(i for i, (x, y) in enumerate(zip(ia, ib)) if x != y) + 1  # the tokens after the changed one
+    rel = (ta - tb).norm(dim=-1) / ta.norm(dim=-1)
+    same = torch.nn.functional.cosine_similarity(ta[:words], tb[:words], dim=-1).mean()
+    c = torch.nn.functional.cosine_similarity(ta[:words, None], ta[None, :words], dim=-1)
+    other = (c.sum() - c.diagonal().sum()) / (words * (words - 1))
+    return {"relative_change": float(rel[first:words].mean()), "cosine_same_position": float(same),
+            "cosine_other_tokens": float(other)}
 
 
 CHANCE = {"colour": 1 / (len(world.COLOURS) - 1), "shape": 1 / len(world.SHAPES),
@@ -227,7 +256,7 @@ def outpaint(pipe, n: int = 8, seed: int = 0, steps: int | None = None, **method
 def _aligned_psnr(out: np.ndarray, ref: np.ndarray, ref_mask: np.ndarray, bg: str) -> float:
     """PSNR of the generated object's bounding-box crop, resized onto the reference object's box, inside the
     reference mask (0 dB-ish when nothing was generated)."""
-    fg = world.foreground(out, bg)
+    fg = world.clean_mask(world.foreground(out, bg))
     if fg.sum() < 50:
         return psnr(np.zeros_like(ref), ref, ref_mask)
     ys, xs = np.nonzero(fg)

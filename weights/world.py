@@ -11,8 +11,9 @@ so the same subject re-drawn elsewhere looks the same: that is what personalizat
 benchmarks (bench/quality.py) measure against. Everything is a pure function of a `random.Random` seed.
 
 The detectors at the bottom read attributes back from any image (generated or rendered): background colour from
-the border, the object as the pixels far from it, its colour by nearest palette colour (or that colour's texture
-tint), its position from the centroid, its shape by the best IoU against the shapes rendered into its bounding box.
+the border, the object as the pixels far from it (made solid by `clean_mask`), its colour by nearest palette
+colour (or that colour's texture tint), its position from the centroid, its shape by the best IoU against the
+shapes rendered into its bounding box.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import random
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 80, 215), "yellow": (240, 210, 40),
@@ -268,15 +270,31 @@ def foreground(img: np.ndarray, bg: str, threshold: float = 60.0) -> np.ndarray:
     return np.sqrt(((img.astype(np.float32) - np.array(COLOURS[bg], np.float32)) ** 2).sum(-1)) > threshold
 
 
+def _dilate(mask: np.ndarray, r: int, outside: bool = False) -> np.ndarray:
+    """Binary dilation by a (2r+1)^2 square; pixels beyond the image count as `outside`."""
+    t = torch.nn.functional.pad(torch.from_numpy(mask)[None, None].float(), (r,) * 4, value=float(outside))
+    return torch.nn.functional.max_pool2d(t, 2 * r + 1, 1)[0, 0].numpy() > 0.5
+
+
+def clean_mask(fg: np.ndarray, speck: int = 2, gap: int = 5) -> np.ndarray:
+    """A foreground mask made solid: an opening by `speck` pixels drops specks and thin lines (the tiny
+    autoencoder draws a faint frame along the image border, which would otherwise stretch an object's bounding box
+    to the whole image), then a closing by `gap` pixels fills a texture's tint where it is close to the
+    background. Calibrated on autoencoder round trips of training renders (shape read right 0.17 -> 0.93 of 80)."""
+    m = _dilate(~_dilate(~fg, speck, outside=True), speck)          # opening; outside the image is background
+    return ~_dilate(~_dilate(m, gap), gap, outside=True)            # closing; likewise
+
+
 def detect_object(img: np.ndarray, bg: str | None = None) -> dict | None:
     """Attributes of the single object in `img` (H, W, 3 uint8): colour, position, shape, mask; None if empty."""
     size = img.shape[0]
     bg = bg or detect_background(img)
-    fg = foreground(img, bg)
+    raw = foreground(img, bg)
+    fg = clean_mask(raw)
     if fg.sum() < 0.004 * size * size:
         return None
     ys, xs = np.nonzero(fg)
-    colour = list(COLOURS)[np.bincount(nearest_colour(img[fg]), minlength=len(COLOURS)).argmax()]
+    colour = list(COLOURS)[np.bincount(nearest_colour(img[fg & raw]), minlength=len(COLOURS)).argmax()]
     cx, cy = xs.mean() / size, ys.mean() / size
     position = nearest_position(cx, cy)
     shape = detect_shape(fg)
