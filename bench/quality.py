@@ -38,10 +38,10 @@ def t2i_rows(pipe, n, steps):
              " / ".join(f"{r[k + '_autoencoder']:.2f}" for k in ("colour", "shape", "position", "background"))),
             ("text-to-image", "chance",
              " / ".join(f"{Q.CHANCE[k]:.2f}" for k in ("colour", "shape", "position", "background")))]
-    x = Q.text_scramble(pipe)
-    rows.append(("text encoder", "one colour word changed: later tokens' relative change / cosine, same "
-                 "position / cosine, unrelated tokens", f"{x['relative_change']:.2f} / {x['cosine_same_position']:.2f}"
-                 f" / {x['cosine_other_tokens']:.2f}"))
+    x = Q.text_locality(pipe)
+    rows.append(("text encoder", "one colour word changed (red -> green): relative change of the other tokens' "
+                 "T5 features before / after it; cosine after", f"{x['before']:.2f} / {x['after']:.2f}; "
+                 f"{x['cosine_after']:.2f}"))
     return rows
 
 

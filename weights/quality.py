@@ -105,22 +105,22 @@ def t2i(pipe, n: int = 32, seed: int = 0, steps: int | None = None, true_cfg: fl
     return out
 
 
-def text_scramble(pipe, a: str = "a large red circle in the centre, on a blue background",
+def text_locality(pipe, a: str = "a large red circle in the centre, on a blue background",
                   b: str = "a large green circle in the centre, on a blue background") -> dict[str, float]:
-    """How much the T5 features of two captions one word apart differ: the mean relative change of the tokens
-    after the changed one, the mean cosine of the same positions in the two captions, and the mean
-    cosine of two different tokens of one caption (what "unrelated" looks like). A text encoder that kept words
-    apart would change little but the one word."""
-    ta, tb = (pipe.encode_prompt(c)[0][0].float() for c in (a, b))
+    """How far one changed word reaches into the T5 features of the other tokens: the mean relative change of the
+    tokens before it and of those after it, and the mean cosine of the latter, each token compared with the same
+    token of the other caption (the tokens after the change are aligned from the end: "red" is two pieces,
+    "green" one). 0 / 0 / 1 would be a bag of words; a random hash would give cosines near 0."""
     ia, ib = pipe.text.t5_tokenizer.encode(a), pipe.text.t5_tokenizer.encode(b)   # ids, </s> included
-    words = len(ia)
-    first = next(i for i, (x, y) in enumerate(zip(ia, ib)) if x != y) + 1  # the tokens after the changed one
-    rel = (ta - tb).norm(dim=-1) / ta.norm(dim=-1)
-    same = torch.nn.functional.cosine_similarity(ta[:words], tb[:words], dim=-1).mean()
-    c = torch.nn.functional.cosine_similarity(ta[:words, None], ta[None, :words], dim=-1)
-    other = (c.sum() - c.diagonal().sum()) / (words * (words - 1))
-    return {"relative_change": float(rel[first:words].mean()), "cosine_same_position": float(same),
-            "cosine_other_tokens": float(other)}
+    ta, tb = (pipe.encode_prompt(c)[0][0].float() for c in (a, b))
+    pre = next(i for i, (x, y) in enumerate(zip(ia, ib)) if x != y)               # common prefix length
+    suf = next(i for i, (x, y) in enumerate(zip(ia[::-1], ib[::-1])) if x != y)   # common suffix length
+    sa, sb = ta[len(ia) - suf:len(ia)], tb[len(ib) - suf:len(ib)]
+
+    def rel(x, y):
+        return float(((x - y).norm(dim=-1) / x.norm(dim=-1)).mean())
+    return {"before": rel(ta[:pre], tb[:pre]), "after": rel(sa, sb),
+            "cosine_after": float(torch.nn.functional.cosine_similarity(sa, sb, dim=-1).mean())}
 
 
 CHANCE = {"colour": 1 / (len(world.COLOURS) - 1), "shape": 1 / len(world.SHAPES),
