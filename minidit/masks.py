@@ -154,10 +154,13 @@ def dilate(tokens: Tensor, kernel: int = 5) -> Tensor:
     return F.max_pool2d(tokens.float()[None, None], kernel, stride=1, padding=kernel // 2)[0, 0] > 0
 
 
-def erode(tokens: Tensor, kernel: int = 5) -> Tensor:
+def erode(tokens: Tensor, kernel: int = 5, from_border: bool = False) -> Tensor:
     """Binary erosion with a kernel x kernel square. Tokens outside the grid are ignored (max-pool padding), so a
-    subject touching the border is not eaten from that side."""
-    return ~(F.max_pool2d((~tokens).float()[None, None], kernel, stride=1, padding=kernel // 2)[0, 0] > 0)
+    subject touching the border is not eaten from that side; with `from_border` they count as background."""
+    inv = (~tokens).float()[None, None]
+    if from_border:
+        return ~(F.max_pool2d(F.pad(inv, (kernel // 2,) * 4, value=1.0), kernel, stride=1)[0, 0] > 0)
+    return ~(F.max_pool2d(inv, kernel, stride=1, padding=kernel // 2)[0, 0] > 0)
 
 
 def augment_mask(tokens: Tensor, generator: torch.Generator, kernel: int = 5) -> tuple[Tensor, str]:

@@ -32,6 +32,8 @@ def test_erosion_hand_computed():
     block[1:6, 1:7] = True                             # 5x6 -> the two centre tokens
     assert torch.equal(erode(block), grid(7, 8, (3, 3), (3, 4)))
     assert erode(torch.ones(5, 5, dtype=torch.bool)).all()        # outside the grid does not erode
+    inner = grid(5, 5, *[(r, c) for r in (1, 2, 3) for c in (1, 2, 3)])
+    assert torch.equal(erode(torch.ones(5, 5, dtype=torch.bool), 3, from_border=True), inner)  # it does here
     edge = torch.zeros(6, 6, dtype=torch.bool)
     edge[:, :3] = True                                 # touches the left border: eaten only from the right
     expected = torch.zeros(6, 6, dtype=torch.bool)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minidit.image import pil_to_tensor
+
 from . import world
 
 SIZE = 256
@@ -75,7 +77,7 @@ def attributes(image, scene: world.Scene) -> dict[str, bool]:
 
 def round_trip(pipe, image) -> Image.Image:
     """`image` through the pipeline's autoencoder (encode, decode): the best any of its generations can look."""
-    x = torch.from_numpy(as_array(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    x = pil_to_tensor(image)
     return pipe.decode(pipe.encode_image(x), x.shape[2], x.shape[3])[0]
 
 
@@ -94,9 +96,10 @@ def t2i(pipe, n: int = 32, seed: int = 0, steps: int | None = None, true_cfg: fl
         for s, im in zip(chunk, images):
             for k, v in attributes(im, s).items():
                 gen[k] += v
-            for k, v in attributes(world.render(s, SIZE), s).items():
+            render = world.render(s, SIZE)
+            for k, v in attributes(render, s).items():
                 ref[k] += v
-            for k, v in attributes(round_trip(pipe, world.render(s, SIZE)), s).items():
+            for k, v in attributes(round_trip(pipe, render), s).items():
                 ae[k] += v
     out = {f"{k}": gen[k] / n for k in gen}
     out.update({f"{k}_renderer": ref[k] / n for k in ref})
