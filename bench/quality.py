@@ -38,6 +38,10 @@ def t2i_rows(pipe, n, steps):
              " / ".join(f"{r[k + '_autoencoder']:.2f}" for k in ("colour", "shape", "position", "background"))),
             ("text-to-image", "chance",
              " / ".join(f"{Q.CHANCE[k]:.2f}" for k in ("colour", "shape", "position", "background")))]
+    o = Q.one_prompt(pipe)
+    rows.append(("text-to-image", f"the README's prompt \"{world.caption(Q.README_SCENE)}\", 16 seeds, the CLI's "
+                 "defaults: colour / shape / position / background; all four",
+                 f"{o['colour']:.2f} / {o['shape']:.2f} / {o['position']:.2f} / {o['background']:.2f}; {o['all']:.2f}"))
     x = Q.text_locality(pipe)
     rows.append(("text encoder", "one colour word changed (red -> green): relative change of the other tokens' "
                  "T5 features before / after it; cosine after", f"{x['before']:.2f} / {x['after']:.2f}; "

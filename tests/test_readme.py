@@ -27,3 +27,12 @@ def test_readme_snippet_runs(index, tmp_path, monkeypatch):
         monkeypatch.setattr(tiny, "TRAINED", tiny.tiny_repo("dev"))
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+
+
+def test_first_command_prompt_is_the_one_the_quality_bench_draws():
+    """bench/quality.py's row "the README's prompt" draws `world.caption(quality.README_SCENE)` over 16 seeds and
+    reads it back against that scene: it must be the prompt of the README's first command."""
+    from minidit.weights import quality, world
+    first = re.search(r'^```bash\n.*?minidit generate --prompt "([^"]+)"', (ROOT / "README.md").read_text(),
+                      flags=re.S | re.M)
+    assert first is not None and first.group(1) == world.caption(quality.README_SCENE)

@@ -11,7 +11,7 @@ from minidit.weights import train_tiny as T
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     work = tmp_path_factory.mktemp("train")
-    T.main(["--work", str(work), "--smoke", "--threads", "2"])
+    T.main(["--work", str(work), "--smoke", "--threads", "2", "--tune-steps", "4"])
     return work
 
 
@@ -67,6 +67,31 @@ def test_dit_stage_extends_and_stops_at_a_step(smoke, tmp_path):
     assert (work / "dit.safetensors").read_bytes() == before
     T.stage_dit(work, work / "repo", 10, 0, batch=4)
     assert meta() == (10, 10)
+
+
+def test_tune_stage_trains_the_text_encoders_and_exports_them(smoke, tmp_path):
+    """The tune stage trains T5 and CLIP with the DiT; export writes its EMA weights of all three (fp16), in
+    the layouts the loaders read; resuming a finished tune trains nothing."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from minidit.pipeline import Pipeline
+    tuned = load_file(smoke / "tune.safetensors")
+    exported = Pipeline.load(smoke / "repo-final", device="cpu", dtype=torch.float32)
+    before = {f"{m}.{k}": v for m, folder in (("t5", "text_encoder_2"), ("clip", "text_encoder"))
+              for f in (smoke / "repo" / folder).glob("*.safetensors") for k, v in load_file(f).items()}
+    frozen = [k for k, v in before.items() if torch.equal(tuned[f"model.{k}"], v.float())]
+    # a key bias adds the same logit to every key of a query: softmax ignores it, so its gradient is zero
+    assert all(k.endswith("k_proj.bias") for k in frozen) and len(frozen) < 3, frozen
+    for m, module in (("t5", exported.text.t5), ("clip", exported.text.clip), ("dit", exported.transformer)):
+        for k, v in module.state_dict().items():
+            assert torch.equal(v.float(), tuned[f"ema.{m}.{k}"].half().float()), (m, k)
+    work = tmp_path / "w"
+    shutil.copytree(smoke, work)
+    ckpt = (work / "tune.safetensors").read_bytes()
+    T.stage_tune(work, work / "repo", 4, 0, batch=4)
+    assert (work / "tune.safetensors").read_bytes() == ckpt
 
 
 def test_dit_loss_goes_down_on_a_fixed_batch(smoke):

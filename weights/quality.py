@@ -108,6 +108,23 @@ def t2i(pipe, n: int = 32, seed: int = 0, steps: int | None = None, true_cfg: fl
     return out
 
 
+README_SCENE = world.Scene((world.place(world.Subject("circle", "red", "striped"), "in the centre", "large"),),
+                           "flat", "blue")  # its caption is the README's first command's prompt
+
+
+def one_prompt(pipe, scene: world.Scene = README_SCENE, seeds=range(16), steps: int | None = None,
+               true_cfg: float = 4.0) -> dict[str, float]:
+    """`world.caption(scene)` drawn once per seed with the CLI's defaults for the built-in model (the checkpoint's
+    steps, true CFG 4, empty negative prompt): how often each attribute, and all four at once, are right."""
+    seeds = list(seeds)
+    images = pipe.generate([world.caption(scene)] * len(seeds), height=SIZE, width=SIZE, steps=steps, seed=seeds,
+                           **cfg_kwargs(pipe, true_cfg))  # image i: its own generator, as `--seed s_i` alone
+    got = [attributes(im, scene) for im in images]
+    out = {k: float(np.mean([g[k] for g in got])) for k in got[0]}
+    out["all"] = float(np.mean([all(g.values()) for g in got]))
+    return out
+
+
 def text_locality(pipe, a: str = "a large red circle in the centre, on a blue background",
                   b: str = "a large green circle in the centre, on a blue background") -> dict[str, float]:
     """How far one changed word reaches into the T5 features of the other tokens: the mean relative change of the

@@ -126,12 +126,22 @@ a garden full of sunflowers and butterflies
 """.splitlines()
 
 
-def write_tiny_t5(folder: str | Path, cfg: T5Config | None = None, seed: int = 0, shards: int = 2) -> Path:
+def write_tiny_t5(folder: str | Path, cfg: T5Config | None = None, seed: int = 0, shards: int = 2,
+                  sd: dict[str, torch.Tensor] | None = None) -> Path:
     """A random T5 encoder in the `text_encoder_2/` layout: config.json, `shards` safetensors files and
-    model.safetensors.index.json (keys as `T5EncoderModel`, fp32). Returns the folder."""
+    model.safetensors.index.json (keys as `T5EncoderModel`, fp32). `sd`: trained weights (those keys) to write
+    instead of random ones. Returns the folder."""
     cfg = cfg or TINY_T5
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if sd is None:
+        sd = _random_t5(cfg, seed)
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+    _write_sharded(folder, sd, shards)
+    return folder
+
+
+def _random_t5(cfg: T5Config, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, std=1.0):
@@ -152,10 +162,7 @@ def write_tiny_t5(folder: str | Path, cfg: T5Config | None = None, seed: int = 0
         sd[p + "1.DenseReluDense.wo.weight"] = randn(d, cfg.d_ff, std=cfg.d_ff ** -0.5)
         sd[p + "1.layer_norm.weight"] = 1.0 + randn(d, std=0.1)
     sd["encoder.final_layer_norm.weight"] = 1.0 + randn(d, std=0.1)
-
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
-    _write_sharded(folder, sd, shards)
-    return folder
+    return sd
 
 
 def _write_sharded(folder: Path, sd: dict[str, torch.Tensor], shards: int) -> None:
@@ -175,12 +182,23 @@ def _write_sharded(folder: Path, sd: dict[str, torch.Tensor], shards: int) -> No
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_tiny_clip(folder: str | Path, cfg: CLIPTextConfig | None = None, seed: int = 0) -> Path:
+def write_tiny_clip(folder: str | Path, cfg: CLIPTextConfig | None = None, seed: int = 0,
+                    sd: dict[str, torch.Tensor] | None = None) -> Path:
     """A random CLIP text encoder in the `text_encoder/` layout (config.json + model.safetensors, keys with
-    the `text_model.` prefix as in FLUX.1's file, fp32). Returns the folder."""
+    the `text_model.` prefix as in FLUX.1's file, fp32). `sd`: trained weights (those keys) to write instead of
+    random ones. Returns the folder."""
     cfg = cfg or TINY_CLIP
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if sd is None:
+        sd = _random_clip(cfg, seed)
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    return folder
+
+
+def _random_clip(cfg: CLIPTextConfig, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, std=1.0):
@@ -203,11 +221,7 @@ def write_tiny_clip(folder: str | Path, cfg: CLIPTextConfig | None = None, seed:
         sd[p + "mlp.fc2.bias"] = randn(d, std=0.1)
     sd["text_model.final_layer_norm.weight"] = 1.0 + randn(d, std=0.1)
     sd["text_model.final_layer_norm.bias"] = randn(d, std=0.1)
-
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    return folder
+    return sd
 
 
 def write_t5_tokenizer(folder: str | Path, vocab_size: int = T5_SPIECE_SIZE, model_max_length: int = 512,

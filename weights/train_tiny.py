@@ -1,16 +1,14 @@
 """Train the built-in tiny FLUX.1 on the procedural world (weights/world.py) on a CPU, then write it as a FLUX.1
 repository in the official layouts (BFL single files and diffusers folders), read by minidit and diffusers alike.
 
-    python -m minidit.weights.train_tiny --work /tmp/tiny-train --out weights/trained     # all stages, resumable
+    python -m minidit.weights.train_tiny --work /tmp/tiny-train --tune-steps 5000 --out weights/trained  # resumable
     python -m minidit.weights.train_tiny --work /tmp/smoke --smoke                         # seconds: CI's smoke test
 
 Stages (each skipped when its output exists in --work; the DiT stage resumes from its last checkpoint):
-  text   the tokenizers and *frozen random* tiny T5 / CLIP in their Hugging Face layouts (fp16). Frozen random
-         encoders, not trained ones: FLUX itself trains its MMDiT against frozen encoders; a random T5 is still an
-         injective, contextual map of the caption's tokens, and the DiT's `txt_in` + joint attention learn to read
-         it. It keeps the recipe one stage shorter and the encoders exactly what the official loaders read. The T5
-         tokenizer is a SentencePiece model trained on the generic tiny corpus plus world captions, so the world's
-         words are single pieces; T5 gets 48 tokens (tokenizer_2's model_max_length, which minidit reads).
+  text   the tokenizers and random tiny T5 / CLIP in their Hugging Face layouts (fp16), frozen for the dit stage
+         (FLUX trains its MMDiT against frozen encoders) and trained jointly in the tune stage. The T5 tokenizer is
+         a SentencePiece model trained on the generic tiny corpus plus world captions, so most of the world's words
+         are single pieces; T5 gets 48 tokens (tokenizer_2's model_max_length, which minidit reads).
   ae     the autoencoder in the FLUX layout (AutoEncoderConfig.tiny(): 16 latent channels, x8, widths 32/32/64/64),
          on random crops of 256-pixel world images, then whole images (AE_PHASES): L1 + MSE reconstruction +
          1e-4 KL (per element); the posterior starts narrow (log-variance bias -8) so its noise does not hide the
@@ -22,6 +20,11 @@ Stages (each skipped when its output exists in --work; the DiT stage resumes fro
          with FLUX.1-dev's mu for 256 tokens (mu = 0.5), the schedule it is sampled with. Captions leave out each
          attribute with p = 0.15 and are dropped whole with p = 0.1 (the empty prompt), so classifier-free guidance
          works. AdamW, warm-up then cosine, bf16 autocast with fp32 weights, EMA 0.995 (what is exported).
+  tune   (--tune-steps N) the dit stage's EMA model trained on with both text encoders unfrozen, a fresh AdamW
+         (DiT 2e-4, encoders 1e-3), warm-up and cosine. Against frozen random encoders the DiT learned where an
+         object goes but bound colours near chance: FLUX's T5 is pretrained, so its features already say which
+         word describes what; a random T5's do not, and training it here stands in for that pretraining. Export
+         then writes the tuned T5 and CLIP in place of the random ones.
   export the repository: flux1-schnell.safetensors + transformer/, ae.safetensors + vae/, text_encoder(_2)/,
          tokenizer(_2)/, scheduler/ (dev-like dynamic shifting), model_index.json; all fp16.
 """
@@ -174,6 +177,63 @@ def init_dit(cfg: FluxConfig, seed: int) -> Flux:
             torch.nn.init.zeros_(p)
     return model
 
+def load_data(work: Path) -> tuple[torch.Tensor, list[world.Scene]]:
+    """The encoded latents (N, 16, 32, 32) fp16 and their scenes."""
+    latents = load_file(work / "latents.safetensors")["latents"]
+    return latents, [scene_from_dict(d) for d in json.loads((work / "scenes.json").read_text())]
+
+
+def lr_factor(step: int, steps: int, warmup: int = 100) -> float:
+    """Linear warm-up, then a cosine down to 5% of the peak at `steps`."""
+    return min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def sample_batch(scenes: list[world.Scene], batch: int, g: torch.Generator, rng: random.Random):
+    """-> (indices, captions): each attribute left out with p = 0.15, the whole caption dropped with p = 0.1."""
+    idx = torch.randint(len(scenes), (batch,), generator=g)
+    return idx, ["" if rng.random() < 0.1 else world.caption(scenes[i], rng, 0.15) for i in idx.tolist()]
+
+
+def rf_loss(forward, latents: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, img_ids: torch.Tensor,
+            g: torch.Generator) -> torch.Tensor:
+    """FLUX's rectified-flow loss: x_t = (1-t) x0 + t eps, target v = eps - x0, t logit-normal shifted by MU."""
+    x0 = sampling.pack(latents.float())                                         # (B, 256, 64)
+    batch = x0.shape[0]
+    t = sampling.time_shift(MU, torch.sigmoid(torch.randn(batch, generator=g))).float()
+    eps = torch.randn(x0.shape, generator=g)
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = forward(xt, img_ids, txt, sampling.text_ids(batch, txt.shape[1]), t, vec)
+    return F.mse_loss(v.float(), eps - x0)
+
+
+def optimize(model: torch.nn.Module, opt, ema: dict, loss: torch.Tensor, step: int) -> None:
+    """One AdamW step (gradients clipped to norm 1) and the EMA update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            ema[k].lerp_(p, 1 - min(EMA, (1 + step) / (10 + step)))
+
+
+class Ticker:
+    """A stage's running loss, a log line every 50 steps, a checkpoint every `every` seconds and at its last step."""
+
+    def __init__(self, name: str, ckpt: Path, every: float):
+        self.name, self.ckpt, self.every = name, ckpt, every
+        self.t0 = self.last = time.time()
+        self.avg = None
+
+    def __call__(self, step: int, steps: int, end: int, loss: float, model, ema, opt) -> None:
+        self.avg = loss if self.avg is None else 0.99 * self.avg + 0.01 * loss
+        if step % 50 == 0 or step == steps - 1:
+            log(f"{self.name} step {step}/{steps} loss {self.avg:.4f} ({time.time() - self.t0:.0f} s)")
+        if time.time() - self.last > self.every or step == end - 1:
+            save_checkpoint(self.ckpt, model, ema, opt, step + 1, steps, self.avg)
+            self.last = time.time()
+
 
 def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr: float = 5e-4,
               ckpt_every_s: float = 300.0, minutes: float | None = None, extend: bool = False,
@@ -183,8 +243,7 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
     (measured on the 2-core CPU: 0.56 instead of 0.75 s per step, after ~90 s of compiling). `stop_at`: end the
     stage after that many steps of the run's schedule (the cosine keeps the run's total; the checkpoint records
     the step reached, so a later call resumes from it)."""
-    latents = load_file(work / "latents.safetensors")["latents"]
-    scenes = [scene_from_dict(d) for d in json.loads((work / "scenes.json").read_text())]
+    latents, scenes = load_data(work)
     text = TextEncoder.load(repo, device="cpu", dtype=torch.float32, max_length=T5_LENGTH)
     model, ckpt = init_dit(DIT, seed), work / "dit.safetensors"
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -199,7 +258,7 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
     g = torch.Generator().manual_seed(seed + start)
     rng = random.Random(seed * 7919 + start)
     img_ids = sampling.image_ids(batch, SIZE, SIZE)
-    t0, last_ckpt, avg = time.time(), time.time(), None
+    t0, tick = time.time(), Ticker("dit", ckpt, ckpt_every_s)
     step = start
     while step < (end := steps if stop_at is None else min(steps, stop_at)):  # `steps` may be refitted below
         if minutes is not None and step == start + 20:
@@ -207,32 +266,53 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
             steps = max(start + 21, int(minutes * 60 / rate))
             log(f"dit: {rate:.2f} s/step -> {steps} steps in {minutes} minutes")
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        idx = torch.randint(len(scenes), (batch,), generator=g)
-        caps = ["" if rng.random() < 0.1 else world.caption(scenes[i], rng, 0.15) for i in idx.tolist()]
+            group["lr"] = lr * lr_factor(step, steps)
+        idx, caps = sample_batch(scenes, batch, g, rng)
         with torch.no_grad():
             txt, vec = text.encode(caps)
-        x0 = sampling.pack(latents[idx].float())
-        t = sampling.time_shift(MU, torch.sigmoid(torch.randn(batch, generator=g))).float()
-        eps = torch.randn(x0.shape, generator=g)
-        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            v = forward(xt, img_ids, txt, sampling.text_ids(batch, txt.shape[1]), t, vec)
-        loss = F.mse_loss(v.float(), eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for k, p in model.state_dict().items():
-                ema[k].lerp_(p, 1 - min(EMA, (1 + step) / (10 + step)))
-        avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"dit step {step}/{steps} loss {avg:.4f} ({time.time() - t0:.0f} s)")
-        if time.time() - last_ckpt > ckpt_every_s or step == end - 1:
-            save_checkpoint(ckpt, model, ema, opt, step + 1, steps, avg)
-            last_ckpt = time.time()
+        loss = rf_loss(forward, latents[idx], txt, vec, img_ids, g)
+        optimize(model, opt, ema, loss, step)
+        tick(step, steps, end, loss.item(), model, ema, opt)
         step += 1
+
+
+def stage_tune(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr: float = 2e-4,
+               text_lr: float = 1e-3, ckpt_every_s: float = 300.0, compile: bool = False) -> None:
+    """The DiT stage's model (its EMA weights, what `export` writes) trained on for `steps` with both text
+    encoders trained jointly (at `text_lr`): a fresh AdamW, warm-up and cosine; resumable from
+    WORK/tune.safetensors (keys dit.*, t5.*, clip.*). Why: with frozen random encoders the model learned position
+    but bound colours near chance (bench/RESULTS.md); FLUX reads a *pretrained* T5, whose features already say
+    which word describes what, and a random one does not: trained here, the encoders stand in for pretraining."""
+    latents, scenes = load_data(work)
+    text = TextEncoder.load(repo, device="cpu", dtype=torch.float32, max_length=T5_LENGTH)
+    text.t5.requires_grad_(True), text.clip.requires_grad_(True)  # loaded frozen, for inference
+    dit = Flux(DIT)
+    model, ckpt = torch.nn.ModuleDict({"dit": dit, "t5": text.t5, "clip": text.clip}), work / "tune.safetensors"
+    text_params = [*text.t5.parameters(), *text.clip.parameters()]
+    opt = torch.optim.AdamW([{"params": list(dit.parameters()), "base": lr},
+                             {"params": text_params, "base": text_lr}], weight_decay=0.0, betas=(0.9, 0.99))
+    forward = torch.compile(dit) if compile else dit
+    if ckpt.exists():
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        start, steps = load_checkpoint(ckpt, model, ema, opt)
+        log(f"tune resumed at step {start} of {steps}")
+    else:
+        start = 0
+        dit.load_state_dict({k[4:]: v for k, v in load_file(work / "dit.safetensors").items() if k.startswith("ema.")})
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 1_000_000 + start)
+    rng = random.Random(seed * 7919 + 1_000_000 + start)
+    img_ids = sampling.image_ids(batch, SIZE, SIZE)
+    tick = Ticker("tune", ckpt, ckpt_every_s)
+    for step in range(start, steps):
+        for group in opt.param_groups:
+            group["lr"] = group["base"] * lr_factor(step, steps)
+        idx, caps = sample_batch(scenes, batch, g, rng)
+        _, vec = text.clip(text.clip_tokenizer(caps))
+        txt = text.t5(text.t5_tokenizer(caps))
+        loss = rf_loss(forward, latents[idx], txt, vec, img_ids, g)
+        optimize(model, opt, ema, loss, step)
+        tick(step, steps, steps, loss.item(), model, ema, opt)
 
 
 def save_checkpoint(path: Path, model, ema, opt, step: int, steps: int, loss: float) -> None:
@@ -279,8 +359,17 @@ def stage_export(work: Path, repo: Path, out: Path) -> Path:
     ae_sd = {k: v.half() for k, v in load_file(work / AE_FINAL).items()}
     write_tiny_ae(tmp / "ae.safetensors", ae_cfg, sd=ae_sd)
     write_tiny_ae(tmp / "vae", ae_cfg, layout="diffusers", sd=ae_sd)
-    sd = load_file(work / "dit.safetensors")
-    dit = {k[4:]: v.half().contiguous() for k, v in sd.items() if k.startswith("ema.")}
+    tuned = work / "tune.safetensors"
+    if tuned.exists():  # the tune stage's EMA weights: the DiT and both text encoders
+        sd = load_file(tuned)
+        part = {m: {k[len(m) + 5:]: v.half().contiguous() for k, v in sd.items() if k.startswith(f"ema.{m}.")}
+                for m in ("dit", "t5", "clip")}
+        write_tiny_t5(tmp / "text_encoder_2", sd=part["t5"])
+        write_tiny_clip(tmp / "text_encoder", sd=part["clip"])
+        dit = part["dit"]
+    else:
+        sd = load_file(work / "dit.safetensors")
+        dit = {k[4:]: v.half().contiguous() for k, v in sd.items() if k.startswith("ema.")}
     save_bfl(dit, DIT, tmp / "flux1-schnell.safetensors")
     save_diffusers(dit, DIT, tmp / "transformer")
     (tmp / "scheduler").mkdir(exist_ok=True)
@@ -304,12 +393,15 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--stop-at", type=int, default=None, help="end the DiT stage after this many steps of its "
                     "schedule (then export); a step already reached exports that checkpoint")
+    ap.add_argument("--tune-steps", type=int, default=0, help="then train this many steps more with both text "
+                    "encoders trained jointly (stage tune; 0: frozen random encoders, no tune stage)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the DiT's forward (faster after ~90 s)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.images, args.dit_steps, args.batch = 64, 6, 4
+        args.tune_steps = args.tune_steps and 4
     work = Path(args.work)
     repo = work / "repo"
     work.mkdir(parents=True, exist_ok=True)
@@ -331,6 +423,9 @@ def main(argv=None) -> None:
     log("stage dit")
     stage_dit(work, repo, args.dit_steps, args.seed, batch=args.batch, minutes=args.dit_minutes,
               extend=args.extend, compile=args.compile, stop_at=args.stop_at)
+    if args.tune_steps:
+        log("stage tune")
+        stage_tune(work, repo, args.tune_steps, args.seed, batch=args.batch, compile=args.compile)
     out = stage_export(work, repo, Path(args.out) if args.out else work / "repo-final")
     log(f"exported {out}")
 
