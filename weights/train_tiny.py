@@ -1,7 +1,7 @@
 """Train the built-in tiny FLUX.1 on the procedural world (weights/world.py) on a CPU, then write it as a FLUX.1
 repository in the official layouts (BFL single files and diffusers folders), read by minidit and diffusers alike.
 
-    python -m minidit.weights.train_tiny --work /tmp/tiny-train --tune-steps 5000 --out weights/trained  # resumable
+    python -m minidit.weights.train_tiny --work /tmp/tiny-train --out weights/trained     # all stages, resumable
     python -m minidit.weights.train_tiny --work /tmp/smoke --smoke                         # seconds: CI's smoke test
 
 Stages (each skipped when its output exists in --work; the DiT stage resumes from its last checkpoint):
@@ -24,7 +24,8 @@ Stages (each skipped when its output exists in --work; the DiT stage resumes fro
          (DiT 2e-4, encoders 1e-3), warm-up and cosine. Against frozen random encoders the DiT learned where an
          object goes but bound colours near chance: FLUX's T5 is pretrained, so its features already say which
          word describes what; a random T5's do not, and training it here stands in for that pretraining. Export
-         then writes the tuned T5 and CLIP in place of the random ones.
+         then writes the tuned T5 and CLIP in place of the random ones. Measured (weights/README.md): 5,000 tune
+         steps raised text-to-image a little but not binding, so weights/trained is made without this stage.
   export the repository: flux1-schnell.safetensors + transformer/, ae.safetensors + vae/, text_encoder(_2)/,
          tokenizer(_2)/, scheduler/ (dev-like dynamic shifting), model_index.json; all fp16.
 """
@@ -177,6 +178,7 @@ def init_dit(cfg: FluxConfig, seed: int) -> Flux:
             torch.nn.init.zeros_(p)
     return model
 
+
 def load_data(work: Path) -> tuple[torch.Tensor, list[world.Scene]]:
     """The encoded latents (N, 16, 32, 32) fp16 and their scenes."""
     latents = load_file(work / "latents.safetensors")["latents"]
@@ -280,9 +282,7 @@ def stage_tune(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, l
                text_lr: float = 1e-3, ckpt_every_s: float = 300.0, compile: bool = False) -> None:
     """The DiT stage's model (its EMA weights, what `export` writes) trained on for `steps` with both text
     encoders trained jointly (at `text_lr`): a fresh AdamW, warm-up and cosine; resumable from
-    WORK/tune.safetensors (keys dit.*, t5.*, clip.*). Why: with frozen random encoders the model learned position
-    but bound colours near chance (bench/RESULTS.md); FLUX reads a *pretrained* T5, whose features already say
-    which word describes what, and a random one does not: trained here, the encoders stand in for pretraining."""
+    WORK/tune.safetensors (keys dit.*, t5.*, clip.*). Why, and what it gave: the module docstring."""
     latents, scenes = load_data(work)
     text = TextEncoder.load(repo, device="cpu", dtype=torch.float32, max_length=T5_LENGTH)
     text.t5.requires_grad_(True), text.clip.requires_grad_(True)  # loaded frozen, for inference
