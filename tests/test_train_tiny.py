@@ -125,3 +125,9 @@ def test_adaln_zero_init_starts_at_zero_velocity():
     out = model(torch.randn(2, 16, 64), torch.zeros(2, 16, 3), torch.randn(2, 5, 32), torch.zeros(2, 5, 3),
                 torch.rand(2), torch.randn(2, 32))
     assert out.abs().max() == 0
+
+
+def test_negative_tune_steps_are_refused_before_anything_is_written(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.main(["--work", str(tmp_path / "w"), "--tune-steps", "-1"])
+    assert "--tune-steps must be >= 0" in capsys.readouterr().err and not (tmp_path / "w").exists()

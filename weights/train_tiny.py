@@ -308,7 +308,7 @@ def stage_tune(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, l
         for group in opt.param_groups:
             group["lr"] = group["base"] * lr_factor(step, steps)
         idx, caps = sample_batch(scenes, batch, g, rng)
-        _, vec = text.clip(text.clip_tokenizer(caps))
+        _, vec = text.clip(text.clip_tokenizer(caps))  # as TextEncoder.encode, which runs without gradients
         txt = text.t5(text.t5_tokenizer(caps))
         loss = rf_loss(forward, latents[idx], txt, vec, img_ids, g)
         optimize(model, opt, ema, loss, step)
@@ -399,6 +399,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
     args = ap.parse_args(argv)
+    if args.tune_steps < 0:
+        ap.error(f"--tune-steps must be >= 0, got {args.tune_steps}")
     if args.smoke:
         args.images, args.dit_steps, args.batch = 64, 6, 4
         args.tune_steps = args.tune_steps and 4
