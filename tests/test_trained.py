@@ -10,13 +10,15 @@ from minidit.pipeline import Pipeline
 from minidit.weights import quality as Q
 
 N, STEPS = 12, 16   # scenes per measurement (inpainting: 6), sampling steps
-# measured with these N/STEPS on the 8312-step model (bench/RESULTS.md, "Tiny trained model"): text-to-image
-# mean attribute accuracy 0.35, position 0.75 (text zeroed: 0.17, 0.25; chance 0.17, 0.20); personalize 10.34 dB
-# in the subject vs 9.41 plain (wrong tokens: 9.18); inpaint kept region 28.8 dB (τ = 1: 13.8); FreeCus reference
-# colour 4/12 vs plain 1/12 (sharing off: 1/12). Thresholds sit between the working and the broken values.
+# measured with these N/STEPS on the built-in model (the step-8312 DiT tuned 4,000 steps to the local-bias T5;
+# bench/RESULTS.md, "Tiny trained model"): text-to-image mean attribute accuracy 0.60, position 0.92 (chance 0.17,
+# 0.20; the step-8312 model with text zeroed: 0.17, 0.25); personalize, preset "official", 11.79 dB in the subject
+# vs 9.29 plain; inpaint kept region 28.6 dB (τ = 1: 23.3 — the model now redraws the flat backgrounds as
+# prompted, so the threshold moved from 20 to 26); FreeCus reference colour 5/12 vs plain 1/12. Thresholds sit
+# between the working and the broken values, and each test runs its broken variant.
 T2I_MEAN, T2I_POSITION = 0.25, 0.5
 PA_PSNR, PA_GAIN = 9.8, 0.5
-INPAINT_PSNR = 20.0
+INPAINT_PSNR = 26.0
 FREECUS_GAIN = 0.15
 
 
@@ -41,7 +43,10 @@ def test_text_to_image_follows_the_prompt(pipe, monkeypatch):
 
 
 def test_personalize_copies_the_subject(pipe, monkeypatch):
-    r = Q.personalize(pipe, n=N, steps=STEPS)
+    """With the released code's settings (preset "official": τ 0.5 on the shifted time, no perturbation): the
+    paper's τ 0.8 with patch perturbation replaces for the first 20 % of the steps only, and this model redraws
+    the subject afterwards (measured on the built-in model: 9.57 vs plain 9.29 dB, bench/RESULTS.md)."""
+    r = Q.personalize(pipe, n=N, steps=STEPS, preset="official")
     assert r["psnr"] >= PA_PSNR and r["psnr"] - r["psnr_plain"] >= PA_GAIN, r
     # broken: the reference tokens replace the wrong target tokens (every destination 5 tokens further on)
     import dataclasses
@@ -50,7 +55,7 @@ def test_personalize_copies_the_subject(pipe, monkeypatch):
     real = P.plan_regions
     monkeypatch.setattr(P, "plan_regions", lambda *a, **k: [dataclasses.replace(r, dst=(r.dst + 5) % 256)
                                                              for r in real(*a, **k)])
-    broken = Q.personalize(pipe, n=N, steps=STEPS)
+    broken = Q.personalize(pipe, n=N, steps=STEPS, preset="official")
     assert not (broken["psnr"] >= PA_PSNR and broken["psnr"] - broken["psnr_plain"] >= PA_GAIN), broken
 
 
@@ -112,3 +117,10 @@ def test_text_locality_aligns_the_tokens_after_a_changed_word(pipe):
     assert len(tok.encode("red")) != len(tok.encode("green"))  # the case the alignment is for
     x = Q.text_locality(pipe)
     assert x["cosine_after"] > 0.8 and 0 < x["after"] < 0.6, x
+
+
+def test_the_built_in_t5_sees_word_order(pipe):
+    """Swapping the object's and the background's colours must change the T5 features the DiT sees as a set
+    (quality.text_order): measured 0.57 with the local position bias the built-in T5 has, 0.23 with the random
+    bias it replaced (then colours landed on the wrong region)."""
+    assert Q.text_order(pipe) > 0.4

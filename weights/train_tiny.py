@@ -1,12 +1,14 @@
 """Train the built-in tiny FLUX.1 on the procedural world (weights/world.py) on a CPU, then write it as a FLUX.1
 repository in the official layouts (BFL single files and diffusers folders), read by minidit and diffusers alike.
 
-    python -m minidit.weights.train_tiny --work /tmp/tiny-train --out weights/trained     # all stages, resumable
+    python -m minidit.weights.train_tiny --work /tmp/tiny-train --dit-steps 10000 --stop-at 8312 --tune-steps 4000 \
+        --tune-text-lr 0 --local-t5 --tune-times sampler --out weights/trained        # all stages, resumable
+        (weights/trained itself came from a chain of resumes of this recipe: weights/README.md)
     python -m minidit.weights.train_tiny --work /tmp/smoke --smoke                         # seconds: CI's smoke test
 
 Stages (each skipped when its output exists in --work; the DiT stage resumes from its last checkpoint):
   text   the tokenizers and random tiny T5 / CLIP in their Hugging Face layouts (fp16), frozen for the dit stage
-         (FLUX trains its MMDiT against frozen encoders) and trained jointly in the tune stage. The T5 tokenizer is
+         (FLUX trains its MMDiT against frozen encoders; the tune stage can train them jointly). The T5 tokenizer is
          a SentencePiece model trained on the generic tiny corpus plus world captions, so most of the world's words
          are single pieces; T5 gets 48 tokens (tokenizer_2's model_max_length, which minidit reads).
   ae     the autoencoder in the FLUX layout (AutoEncoderConfig.tiny(): 16 latent channels, x8, widths 32/32/64/64),
@@ -20,12 +22,20 @@ Stages (each skipped when its output exists in --work; the DiT stage resumes fro
          with FLUX.1-dev's mu for 256 tokens (mu = 0.5), the schedule it is sampled with. Captions leave out each
          attribute with p = 0.15 and are dropped whole with p = 0.1 (the empty prompt), so classifier-free guidance
          works. AdamW, warm-up then cosine, bf16 autocast with fp32 weights, EMA 0.995 (what is exported).
-  tune   (--tune-steps N) the dit stage's EMA model trained on with both text encoders unfrozen, a fresh AdamW
-         (DiT 2e-4, encoders 1e-3), warm-up and cosine. Against frozen random encoders the DiT learned where an
-         object goes but bound colours near chance: FLUX's T5 is pretrained, so its features already say which
-         word describes what; a random T5's do not, and training it here stands in for that pretraining. Export
-         then writes the tuned T5 and CLIP in place of the random ones. Measured (weights/README.md): 5,000 tune
-         steps raised text-to-image a little but not binding, so weights/trained is made without this stage.
+  tune   (--tune-steps N) the dit stage's EMA model trained on for N steps more, a fresh AdamW (DiT 2e-4),
+         warm-up and cosine. What weights/trained is made with (--local-t5 --tune-text-lr 0 --tune-times sampler):
+         * the frozen T5 gets a designed local position bias (tiny_text.local_position_bias: each of its 4 heads
+           attends to one neighbour, +1, +2, -1, -2). The DiT gives every text token the same position (txt_ids
+           are zeros), so it sees T5's features as a set; the random bias mixed all tokens nearly evenly, so
+           swapping the object's and the background's colours changed the features by 0.23 of their norm
+           (quality.text_order) and colours landed on the wrong region. With the local bias: 0.57. A pretrained
+           T5 learns such context; the frozen random one is given it.
+         * training times drawn as the sampler spaces its steps (train_times "sampler"), not logit-normal:
+           logit-normal puts 4.5 % of the draws above t = 0.9, where the sampler spends 15 % of its steps and
+           decides which colour goes where (the model's x0 guess at t = 1 ignored the background's colour).
+         With --tune-text-lr > 0 (default 1e-3) both text encoders are trained jointly instead, and export
+         writes the tuned T5 and CLIP; measured (weights/README.md): 5,000 such steps raised text-to-image a
+         little but not binding, so weights/trained does not use it.
   export the repository: flux1-schnell.safetensors + transformer/, ae.safetensors + vae/, text_encoder(_2)/,
          tokenizer(_2)/, scheduler/ (dev-like dynamic shifting), model_index.json; all fp16.
 """
@@ -54,7 +64,8 @@ from . import world
 from .tiny import MODEL_INDEX, SCHEDULERS
 from .tiny_ae import write_tiny_ae
 from .tiny_flux import save_bfl, save_diffusers
-from .tiny_text import CORPUS, write_clip_tokenizer, write_t5_tokenizer, write_tiny_clip, write_tiny_t5
+from .tiny_text import (CORPUS, TINY_T5, local_position_bias, write_clip_tokenizer, write_t5_tokenizer, write_tiny_clip,
+                        write_tiny_t5)
 
 SIZE = 256            # pixels: 32x32 latents, a 16x16 token grid
 T5_LENGTH = 48
@@ -97,6 +108,19 @@ def stage_text(repo: Path, seed: int) -> None:
     write_tiny_t5(repo / "text_encoder_2", seed=seed)
     fp16_folder(repo / "text_encoder")
     fp16_folder(repo / "text_encoder_2")
+
+
+T5_BIAS = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+
+
+def stage_local_t5(repo: Path) -> None:
+    """Give the repository's frozen random T5 the designed local position bias (tiny_text.local_position_bias)
+    in place of its random one; every other weight is kept. Idempotent."""
+    for f in sorted((repo / "text_encoder_2").glob("*.safetensors")):
+        sd = load_file(f)
+        if T5_BIAS in sd:
+            sd[T5_BIAS] = local_position_bias(TINY_T5).to(sd[T5_BIAS].dtype)
+            save_file(sd, str(f), metadata={"format": "pt"})
 
 
 def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, crop: int = 128, lr: float = 2e-3,
@@ -196,12 +220,23 @@ def sample_batch(scenes: list[world.Scene], batch: int, g: torch.Generator, rng:
     return idx, ["" if rng.random() < 0.1 else world.caption(scenes[i], rng, 0.15) for i in idx.tolist()]
 
 
+T_DISTS = ("logit-normal", "sampler")
+
+
+def train_times(batch: int, g: torch.Generator, dist: str = "logit-normal") -> torch.Tensor:
+    """Training times t in (0, 1), shifted by MU as the sampler's schedule is. "logit-normal": sigmoid(N(0, 1))
+    (SD3, what FLUX trains with): only 4.5 % of the draws land above t = 0.9, where the sampler spends 15 % of its
+    steps deciding which colour goes where. "sampler": u ~ U(0, 1), the density of the sampler's own steps."""
+    u = torch.sigmoid(torch.randn(batch, generator=g)) if dist == "logit-normal" else torch.rand(batch, generator=g)
+    return sampling.time_shift(MU, u).float()
+
+
 def rf_loss(forward, latents: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, img_ids: torch.Tensor,
-            g: torch.Generator) -> torch.Tensor:
-    """FLUX's rectified-flow loss: x_t = (1-t) x0 + t eps, target v = eps - x0, t logit-normal shifted by MU."""
+            g: torch.Generator, t_dist: str = "logit-normal") -> torch.Tensor:
+    """FLUX's rectified-flow loss: x_t = (1-t) x0 + t eps, target v = eps - x0, t from `train_times`."""
     x0 = sampling.pack(latents.float())                                         # (B, 256, 64)
     batch = x0.shape[0]
-    t = sampling.time_shift(MU, torch.sigmoid(torch.randn(batch, generator=g))).float()
+    t = train_times(batch, g, t_dist)
     eps = torch.randn(x0.shape, generator=g)
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -279,18 +314,21 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
 
 
 def stage_tune(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr: float = 2e-4,
-               text_lr: float = 1e-3, ckpt_every_s: float = 300.0, compile: bool = False) -> None:
+               text_lr: float = 1e-3, ckpt_every_s: float = 300.0, compile: bool = False,
+               t_dist: str = "logit-normal") -> None:
     """The DiT stage's model (its EMA weights, what `export` writes) trained on for `steps` with both text
-    encoders trained jointly (at `text_lr`): a fresh AdamW, warm-up and cosine; resumable from
-    WORK/tune.safetensors (keys dit.*, t5.*, clip.*). Why, and what it gave: the module docstring."""
+    encoders trained jointly (at `text_lr`; 0: they stay frozen): a fresh AdamW, warm-up and cosine; resumable
+    from WORK/tune.safetensors (keys dit.*, t5.*, clip.*). Why, and what it gave: the module docstring."""
     latents, scenes = load_data(work)
     text = TextEncoder.load(repo, device="cpu", dtype=torch.float32, max_length=T5_LENGTH)
-    text.t5.requires_grad_(True), text.clip.requires_grad_(True)  # loaded frozen, for inference
+    joint = text_lr > 0
+    text.t5.requires_grad_(joint), text.clip.requires_grad_(joint)  # loaded frozen, for inference
     dit = Flux(DIT)
     model, ckpt = torch.nn.ModuleDict({"dit": dit, "t5": text.t5, "clip": text.clip}), work / "tune.safetensors"
-    text_params = [*text.t5.parameters(), *text.clip.parameters()]
-    opt = torch.optim.AdamW([{"params": list(dit.parameters()), "base": lr},
-                             {"params": text_params, "base": text_lr}], weight_decay=0.0, betas=(0.9, 0.99))
+    groups = [{"params": list(dit.parameters()), "base": lr}]
+    if joint:
+        groups.append({"params": [*text.t5.parameters(), *text.clip.parameters()], "base": text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.99))
     forward = torch.compile(dit) if compile else dit
     if ckpt.exists():
         ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -308,9 +346,10 @@ def stage_tune(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, l
         for group in opt.param_groups:
             group["lr"] = group["base"] * lr_factor(step, steps)
         idx, caps = sample_batch(scenes, batch, g, rng)
-        _, vec = text.clip(text.clip_tokenizer(caps))  # as TextEncoder.encode, which runs without gradients
-        txt = text.t5(text.t5_tokenizer(caps))
-        loss = rf_loss(forward, latents[idx], txt, vec, img_ids, g)
+        with torch.set_grad_enabled(joint):  # as TextEncoder.encode, which runs without gradients
+            _, vec = text.clip(text.clip_tokenizer(caps))
+            txt = text.t5(text.t5_tokenizer(caps))
+        loss = rf_loss(forward, latents[idx], txt, vec, img_ids, g, t_dist)
         optimize(model, opt, ema, loss, step)
         tick(step, steps, steps, loss.item(), model, ema, opt)
 
@@ -395,12 +434,22 @@ def main(argv=None) -> None:
                     "schedule (then export); a step already reached exports that checkpoint")
     ap.add_argument("--tune-steps", type=int, default=0, help="then train this many steps more with both text "
                     "encoders trained jointly (stage tune; 0: frozen random encoders, no tune stage)")
+    ap.add_argument("--tune-text-lr", type=float, default=1e-3, help="the text encoders' learning rate in the "
+                    "tune stage (0: they stay frozen)")
+    ap.add_argument("--local-t5", action="store_true", help="before the tune stage, give the frozen T5 the designed "
+                    "local position bias (each head attends to one neighbour; tiny_text.local_position_bias)")
+    ap.add_argument("--tune-times", choices=T_DISTS, default="logit-normal", help="how the tune stage draws its "
+                    "training times (train_times)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the DiT's forward (faster after ~90 s)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
     args = ap.parse_args(argv)
     if args.tune_steps < 0:
         ap.error(f"--tune-steps must be >= 0, got {args.tune_steps}")
+    if args.tune_text_lr < 0:
+        ap.error(f"--tune-text-lr must be >= 0, got {args.tune_text_lr}")
+    if args.local_t5 and not args.tune_steps:
+        ap.error("--local-t5 needs --tune-steps (the DiT is tuned to the changed T5 features)")
     if args.smoke:
         args.images, args.dit_steps, args.batch = 64, 6, 4
         args.tune_steps = args.tune_steps and 4
@@ -426,8 +475,12 @@ def main(argv=None) -> None:
     stage_dit(work, repo, args.dit_steps, args.seed, batch=args.batch, minutes=args.dit_minutes,
               extend=args.extend, compile=args.compile, stop_at=args.stop_at)
     if args.tune_steps:
+        if args.local_t5:
+            log("stage local t5")
+            stage_local_t5(repo)
         log("stage tune")
-        stage_tune(work, repo, args.tune_steps, args.seed, batch=args.batch, compile=args.compile)
+        stage_tune(work, repo, args.tune_steps, args.seed, batch=args.batch, text_lr=args.tune_text_lr,
+                   compile=args.compile, t_dist=args.tune_times)
     out = stage_export(work, repo, Path(args.out) if args.out else work / "repo-final")
     log(f"exported {out}")
 
