@@ -163,6 +163,15 @@ def test_negative_tune_steps_are_refused_before_anything_is_written(tmp_path, ca
     assert "--tune-steps must be >= 0" in capsys.readouterr().err and not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--tune-steps", "4", "--tune-text-lr", "-1"], "--tune-text-lr must be >= 0"),
+    (["--local-t5"], "--local-t5 needs --tune-steps")])
+def test_bad_tune_options_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        T.main(["--work", str(tmp_path / "w"), *argv])
+    assert message in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
 def test_sampler_times_have_the_density_of_the_sampler_steps():
     """--tune-times sampler draws t as the sampler spaces its steps at 256 tokens (the same mu); the default
     logit-normal draws put far fewer at high noise (measured: 4.5 % above t = 0.9 vs the sampler's 15 %)."""
