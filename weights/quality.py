@@ -125,21 +125,28 @@ def one_prompt(pipe, scene: world.Scene = README_SCENE, seeds=range(16), steps: 
     return out
 
 
+def _t5_pair(pipe, a: str, b: str):
+    """-> the T5 ids (</s> included) and the T5 features (L, d) of two captions."""
+    tok = pipe.text.t5_tokenizer
+    return tok.encode(a), tok.encode(b), *(pipe.encode_prompt(c)[0][0].float() for c in (a, b))
+
+
+def _relative_change(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over tokens of |x - y| / |x|."""
+    return float(((x - y).norm(dim=-1) / x.norm(dim=-1)).mean())
+
+
 def text_locality(pipe, a: str = "a large red circle in the centre, on a blue background",
                   b: str = "a large green circle in the centre, on a blue background") -> dict[str, float]:
     """How far one changed word reaches into the T5 features of the other tokens: the mean relative change of the
     tokens before it and of those after it, and the mean cosine of the latter, each token compared with the same
     token of the other caption (the tokens after the change are aligned from the end: "red" is two pieces,
     "green" one). 0 / 0 / 1 would be a bag of words; a random hash would give cosines near 0."""
-    ia, ib = pipe.text.t5_tokenizer.encode(a), pipe.text.t5_tokenizer.encode(b)   # ids, </s> included
-    ta, tb = (pipe.encode_prompt(c)[0][0].float() for c in (a, b))
+    ia, ib, ta, tb = _t5_pair(pipe, a, b)
     pre = next(i for i, (x, y) in enumerate(zip(ia, ib)) if x != y)               # common prefix length
     suf = next(i for i, (x, y) in enumerate(zip(ia[::-1], ib[::-1])) if x != y)   # common suffix length
     sa, sb = ta[len(ia) - suf:len(ia)], tb[len(ib) - suf:len(ib)]
-
-    def rel(x, y):
-        return float(((x - y).norm(dim=-1) / x.norm(dim=-1)).mean())
-    return {"before": rel(ta[:pre], tb[:pre]), "after": rel(sa, sb),
+    return {"before": _relative_change(ta[:pre], tb[:pre]), "after": _relative_change(sa, sb),
             "cosine_after": float(torch.nn.functional.cosine_similarity(sa, sb, dim=-1).mean())}
 
 
@@ -149,16 +156,14 @@ def text_order(pipe, a: str = "a large red circle in the centre, on a blue backg
     and the background's colours are swapped, each piece compared with the same piece (same id, same occurrence)
     of the other caption. The DiT gives every text token the same position (txt_ids are zeros), so it sees the
     features as a set: 0 would be a bag of words, in which the swap is invisible."""
-    tok = pipe.text.t5_tokenizer
-    ia, ib = tok.encode(a), tok.encode(b)
+    ia, ib, ta, tb = _t5_pair(pipe, a, b)
     if sorted(ia) != sorted(ib):
         raise ValueError("text_order: the two captions must hold the same pieces")
-    ta, tb = (pipe.encode_prompt(c)[0][0].float() for c in (a, b))
     where: dict[int, list[int]] = {}
     for j, t in enumerate(ib):
         where.setdefault(t, []).append(j)
     match = [where[t].pop(0) for t in ia]
-    return float(((ta[:len(ia)] - tb[match]).norm(dim=-1) / ta[:len(ia)].norm(dim=-1)).mean())
+    return _relative_change(ta[:len(ia)], tb[match])
 
 
 CHANCE = {"colour": 1 / (len(world.COLOURS) - 1), "shape": 1 / len(world.SHAPES),

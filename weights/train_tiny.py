@@ -432,8 +432,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--stop-at", type=int, default=None, help="end the DiT stage after this many steps of its "
                     "schedule (then export); a step already reached exports that checkpoint")
-    ap.add_argument("--tune-steps", type=int, default=0, help="then train this many steps more with both text "
-                    "encoders trained jointly (stage tune; 0: frozen random encoders, no tune stage)")
+    ap.add_argument("--tune-steps", type=int, default=0, help="then train the DiT this many steps more (stage "
+                    "tune; 0: no tune stage)")
     ap.add_argument("--tune-text-lr", type=float, default=1e-3, help="the text encoders' learning rate in the "
                     "tune stage (0: they stay frozen)")
     ap.add_argument("--local-t5", action="store_true", help="before the tune stage, give the frozen T5 the designed "
