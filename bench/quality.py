@@ -66,6 +66,10 @@ def personalize_rows(pipe, n, steps):
     rows.append(("personalize (in place), preset \"official\"", "the released code's settings (τ 0.5 on the shifted "
                  "time, no perturbation, no concatenation): subject PSNR dB, method / plain same caption",
                  f"{r['psnr']:.1f} / {r['psnr_plain']:.1f}"))
+    for mode, preset in (("in place", "paper"), ("offset", "paper"), ("in place", "official")):
+        r = Q.personalize(pipe, n=n, mode=mode, steps=steps, preset=preset, shape_only=True)
+        rows.append((f"personalize ({mode}), the prompt names only the subject's shape", f"preset \"{preset}\": "
+                     "subject PSNR dB, method / plain same prompt", f"{r['psnr']:.1f} / {r['psnr_plain']:.1f}"))
     return rows
 
 
@@ -119,7 +123,8 @@ def grids(pipe, folder: Path, steps) -> list[Path]:
     ref, mask = world.render(s, Q.SIZE), Q.subject_mask(s)
     mask_im = Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
     target = Q.new_background(s, random.Random(0))
-    prompt = world.caption(target)
+    t0 = target.objects[0]  # the prompt names the subject by its shape only, as the test's (quality.personalize)
+    prompt = f"a {t0.subject.shape} {t0.position}, {world.describe_background(target)}"
     plain = pipe.generate(prompt, height=256, width=256, steps=steps, seed=0, **Q.cfg_kwargs(pipe, 4.0))[0]
     pa = pipe.personalize(prompt, Reference(ref, Q._mask_tensor(mask)), height=256, width=256, steps=steps, seed=0,
                           preset="official")[0]  # the released code's settings: what the test holds the model to

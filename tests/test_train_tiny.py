@@ -165,7 +165,10 @@ def test_negative_tune_steps_are_refused_before_anything_is_written(tmp_path, ca
 
 @pytest.mark.parametrize("argv, message", [
     (["--tune-steps", "4", "--tune-text-lr", "-1"], "--tune-text-lr must be >= 0"),
-    (["--local-t5"], "--local-t5 needs --tune-steps")])
+    (["--local-t5"], "--local-t5 needs --tune-steps"),
+    (["--object-weight", "2"], "--object-weight needs --tune-steps"),
+    (["--tune-steps", "4", "--object-weight", "-1"], "--object-weight must be >= 0"),
+    (["--init-from", "/nonexistent/repo", "--tune-steps", "4"], "--init-from /nonexistent/repo: not a folder")])
 def test_bad_tune_options_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         T.main(["--work", str(tmp_path / "w"), *argv])
@@ -183,3 +186,63 @@ def test_sampler_times_have_the_density_of_the_sampler_steps():
         share = float((steps > q).double().mean())
         assert abs(float((drawn["sampler"] > q).double().mean()) - share) < 0.015, q
     assert float((drawn["logit-normal"] > 0.9).double().mean()) < 0.5 * float((steps > 0.9).double().mean())
+
+
+def test_object_cover_is_the_objects_share_of_each_token():
+    """One object: its token coverage sits where it is drawn, sums to its area, and is zero elsewhere."""
+    from minidit.weights import world
+    scene = world.Scene((world.place(world.Subject("square", "red"), "on the left", "large"),), "flat", "blue")
+    cover = T.object_cover([scene])
+    assert cover.shape == (1, 256)
+    grid = cover[0].view(16, 16)
+    area = world.object_masks(scene, T.SIZE).sum() / 256.0
+    assert abs(float(grid.sum()) - area) < 1e-3 * area
+    ys, xs = torch.nonzero(grid > 0.5, as_tuple=True)
+    assert xs.float().mean() < 6 and abs(ys.float().mean() - 7.5) < 1   # the left half, mid-height
+    assert grid[:, 10:].abs().max() == 0
+
+
+def test_weighted_rf_loss_is_the_weighted_mean_over_tokens():
+    """Weights of one give the plain loss; a weight on one token only gives that token's squared error."""
+    torch.manual_seed(0)
+    lat = torch.randn(2, 16, 8, 8)
+    fixed = torch.randn(2, 16, 64)
+    forward = lambda xt, *a: fixed  # noqa: E731 - a model that always answers the same velocity
+    ids, txt, vec = torch.zeros(2, 16, 3), torch.randn(2, 3, 32), torch.randn(2, 32)
+    loss = lambda w: T.rf_loss(forward, lat, txt, vec, ids, torch.Generator().manual_seed(1), weight=w)  # noqa
+    plain = T.rf_loss(forward, lat, txt, vec, ids, torch.Generator().manual_seed(1))
+    assert torch.allclose(loss(torch.ones(2, 16)), plain, rtol=1e-6)
+    one = torch.zeros(2, 16)
+    one[1, 5] = 3.0
+    g = torch.Generator().manual_seed(1)
+    from minidit import sampling
+    x0 = sampling.pack(lat)
+    T.train_times(2, g)  # rf_loss draws the times first, then the noise
+    eps = torch.randn(x0.shape, generator=g)
+    assert torch.allclose(loss(one), (fixed[1, 5] - (eps - x0)[1, 5]).square().mean(), rtol=1e-5)
+    assert not torch.allclose(loss(one), plain)
+
+
+def test_init_from_a_repository_continues_from_its_weights(smoke, tmp_path):
+    """--init-from seeds an empty work folder from an exported repository: with no training step the export
+    gives back its DiT exactly and keeps its latent scale/shift (the data stage re-encodes, measures, and keeps
+    the repository's factors); a non-empty work folder is refused and left as it was."""
+    import json
+
+    from safetensors.torch import load_file
+    src = smoke / "repo-final"
+    work, out = tmp_path / "w", tmp_path / "out"
+    T.main(["--work", str(work), "--init-from", str(src), "--images", "8", "--batch", "2", "--out", str(out)])
+    a, b = load_file(src / "flux1-schnell.safetensors"), load_file(out / "flux1-schnell.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    va, vb = (json.loads((d / "vae" / "config.json").read_text()) for d in (src, out))
+    assert (va["scaling_factor"], va["shift_factor"]) == (vb["scaling_factor"], vb["shift_factor"])
+    assert torch.equal(load_file(src / "ae.safetensors")["decoder.conv_out.weight"],
+                       load_file(out / "ae.safetensors")["decoder.conv_out.weight"])
+    before = sorted(p.name for p in work.iterdir())
+    with pytest.raises(SystemExit):
+        T.main(["--work", str(work), "--init-from", str(src), "--tune-steps", "2"])
+    assert sorted(p.name for p in work.iterdir()) == before
+    T.main(["--work", str(work), "--tune-steps", "2", "--batch", "2", "--object-weight", "4", "--out", str(out)])
+    c = load_file(out / "flux1-schnell.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the tune trained on from the repository's DiT

@@ -204,10 +204,12 @@ def _moved(scene: world.Scene, dx: int, dy: int) -> world.Scene:
 
 
 def personalize(pipe, n: int = 8, seed: int = 0, mode: str = "in place", steps: int | None = None,
-                true_cfg: float = 1.0, **method) -> dict[str, float]:
+                true_cfg: float = 1.0, shape_only: bool = False, **method) -> dict[str, float]:
     """Personalize Anything against plain generation with the same caption. mode: "in place", "offset" (the
     subject moved to the other side), "multi" (two references, left and right), "scene" (a subject and a scene
-    reference). Returns mean PSNR in the subject region(s) for both, and how often the background is right."""
+    reference). `shape_only` (in place, offset): the prompt names the subject by its shape and place only, as
+    FreeCus's rows do ("a star on the left, on a blue background"), so only the reference can give its colour
+    and texture. Returns mean PSNR in the subject region(s) for both, and how often the background is right."""
     from minidit.masks import Reference
     rng = random.Random(EVAL_SEED + 500 + seed)
     fid, fid_plain, bg_ok, bg_plain, scene_psnr = [], [], [], [], []
@@ -237,6 +239,9 @@ def personalize(pipe, n: int = 8, seed: int = 0, mode: str = "in place", steps: 
             scene_img = world.render(backdrop, SIZE)
             kw["scene"] = Reference(scene_img, None)
         prompt = world.caption(target)
+        if shape_only and mode in ("in place", "offset"):
+            q = target.objects[0]
+            prompt = f"a {q.subject.shape} {q.position}, {world.describe_background(target)}"
         common = dict(height=SIZE, width=SIZE, steps=steps, seed=seed * 100 + i)
         out = as_array(pipe.personalize(prompt, refs if len(refs) > 1 else refs[0], **kw, **common, **method)[0])
         plain = as_array(pipe.generate(prompt, **common, **cfg_kwargs(pipe, true_cfg))[0])
