@@ -167,7 +167,8 @@ def test_negative_tune_steps_are_refused_before_anything_is_written(tmp_path, ca
     (["--tune-steps", "4", "--tune-text-lr", "-1"], "--tune-text-lr must be >= 0"),
     (["--local-t5"], "--local-t5 needs --tune-steps"),
     (["--object-weight", "2"], "--object-weight needs --tune-steps"),
-    (["--tune-steps", "4", "--object-weight", "-1"], "--object-weight must be >= 0"),
+    (["--tune-steps", "4", "--object-weight", "-1"], "--object-weight must be a finite number >= 0"),
+    (["--tune-steps", "4", "--object-weight", "nan"], "--object-weight must be a finite number >= 0"),
     (["--init-from", "/nonexistent/repo", "--tune-steps", "4"], "--init-from /nonexistent/repo: not a folder")])
 def test_bad_tune_options_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -223,7 +224,7 @@ def test_weighted_rf_loss_is_the_weighted_mean_over_tokens():
     assert not torch.allclose(loss(one), plain)
 
 
-def test_init_from_a_repository_continues_from_its_weights(smoke, tmp_path):
+def test_init_from_a_repository_continues_from_its_weights(smoke, tmp_path, capsys):
     """--init-from seeds an empty work folder from an exported repository: with no training step the export
     gives back its DiT exactly and keeps its latent scale/shift (the data stage re-encodes, measures, and keeps
     the repository's factors); a non-empty work folder is refused and left as it was."""
@@ -242,7 +243,29 @@ def test_init_from_a_repository_continues_from_its_weights(smoke, tmp_path):
     before = sorted(p.name for p in work.iterdir())
     with pytest.raises(SystemExit):
         T.main(["--work", str(work), "--init-from", str(src), "--tune-steps", "2"])
-    assert sorted(p.name for p in work.iterdir()) == before
+    assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in work.iterdir()) == before
     T.main(["--work", str(work), "--tune-steps", "2", "--batch", "2", "--object-weight", "4", "--out", str(out)])
     c = load_file(out / "flux1-schnell.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the tune trained on from the repository's DiT
+    assert (work / "cover.safetensors").exists()         # ... with the object weights
+
+
+def test_init_from_refuses_what_it_cannot_use(smoke, tmp_path, capsys):
+    """A folder without the repository's files, or with a DiT of other shapes, is refused in one line and
+    nothing is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "bad"
+    shutil.copytree(smoke / "repo-final", bad)
+    (bad / "ae.safetensors").unlink()
+    with pytest.raises(SystemExit):
+        T.main(["--work", str(tmp_path / "w"), "--init-from", str(bad)])
+    assert "(no ae.safetensors)" in capsys.readouterr().err and not (tmp_path / "w").exists()
+    shutil.copy(smoke / "repo-final" / "ae.safetensors", bad / "ae.safetensors")
+    sd = load_file(bad / "flux1-schnell.safetensors")
+    sd["img_in.weight"] = sd["img_in.weight"][:, :32].contiguous()
+    save_file(sd, str(bad / "flux1-schnell.safetensors"))
+    with pytest.raises(SystemExit):
+        T.main(["--work", str(tmp_path / "w"), "--init-from", str(bad)])
+    assert "not a DiT of this script's shapes" in capsys.readouterr().err and not (tmp_path / "w").exists()

@@ -47,7 +47,7 @@ def test_personalize_copies_the_subject(pipe, monkeypatch):
     """The prompt names the subject by its shape and place only (as FreeCus's test does), so its colour and
     texture can come only from the reference; the released code's settings (preset "official": τ 0.5 on the
     shifted time, no perturbation). Measured on the built-in model, 12 scenes: 12.28 vs plain 8.77 dB; the paper's
-    settings 10.19 vs 8.77; the broken variant below 8.90 (official) / 8.43 (paper). With the full caption this
+    settings 10.19 vs 8.77; the broken variant 8.90 (official) / 8.43 (paper). With the full caption this
     model draws the subject's colour itself (plain 13.04 dB) and the method adds +0.17 dB (official) or loses
     1.9 dB (paper): bench/RESULTS.md."""
     r = Q.personalize(pipe, n=N, steps=STEPS, preset="official", shape_only=True)

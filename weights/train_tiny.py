@@ -5,8 +5,9 @@ repository in the official layouts (BFL single files and diffusers folders), rea
         --tune-text-lr 0 --local-t5 --tune-times sampler --out /tmp/tiny-train/tuned   # all stages, resumable
         (weights/trained itself came from a chain of resumes of this recipe and the --init-from run below:
         weights/README.md)
-    python -m minidit.weights.train_tiny --work /tmp/w --init-from weights/trained --images 12000 --tune-steps 4000 \
-        --tune-text-lr 0 --local-t5 --tune-times sampler --object-weight 6 --out weights/trained  # from a repository
+    python -m minidit.weights.train_tiny --work /tmp/w --init-from /tmp/tiny-train/tuned --images 12000 \
+        --tune-steps 4000 --tune-text-lr 0 --local-t5 --tune-times sampler --object-weight 6 \
+        --out weights/trained                                   # the second tune, from the first one's export
     python -m minidit.weights.train_tiny --work /tmp/smoke --smoke                         # seconds: CI's smoke test
 
 Stages (each skipped when its output exists in --work; the DiT stage resumes from its last checkpoint):
@@ -144,9 +145,15 @@ def init_problem(work: Path, src: Path) -> str | None:
     missing = [f for f in INIT_FILES if not (src / f).exists()]
     if missing:
         return f"--init-from {src}: not a repository written by this script (no {', '.join(missing)})"
-    taken = [f for f in ("repo", AE_FINAL, "dit.safetensors", "tune.safetensors") if (work / f).exists()]
-    if taken:
-        return f"--init-from: {work} already holds {', '.join(taken)}; give an empty --work"
+    if work.exists() and any(work.iterdir()):
+        return f"--init-from: {work} is not empty; give an empty or new --work"
+    from safetensors import safe_open
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in Flux(DIT).state_dict().items()}
+    with safe_open(str(src / "flux1-schnell.safetensors"), "pt") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if have != want:
+        return f"--init-from {src}: flux1-schnell.safetensors is not a DiT of this script's shapes (train_tiny.DIT)"
     return None
 
 
@@ -227,12 +234,15 @@ def stage_data(work: Path, n: int, seed: int) -> None:
             log(f"data {start}/{n} ({time.time() - t0:.0f} s)")
     z = torch.cat(means)
     shift, std = z.mean().item(), z.std().item()
+    cfg = replace(AutoEncoderConfig.tiny(), scale_factor=1.0 / std, shift_factor=shift)
+    latents = ((z - shift) / std).half().contiguous()
     if (work / "factors.json").exists():  # --init-from: keep the latent space the initial DiT was trained in
         f = json.loads((work / "factors.json").read_text())
         log(f"data: measured shift {shift:.4f}, scale {1 / std:.4f}; kept the initial repository's")
-        shift, std = f["shift_factor"], 1.0 / f["scale_factor"]
-    cfg = replace(AutoEncoderConfig.tiny(), scale_factor=1.0 / std, shift_factor=shift)
-    latents = ((z - shift) / std).half().contiguous()
+        cfg = replace(cfg, scale_factor=f["scale_factor"], shift_factor=f["shift_factor"])
+        latents = ((z - cfg.shift_factor) * cfg.scale_factor).half().contiguous()
+        shift, std = cfg.shift_factor, 1.0 / cfg.scale_factor
+    (work / "cover.safetensors").unlink(missing_ok=True)  # the object cover of the scenes encoded before, if any
     save_file({"latents": latents}, str(work / "latents.safetensors"),
               metadata={"scale_factor": repr(cfg.scale_factor), "shift_factor": repr(cfg.shift_factor)})
     (work / "scenes.json").write_text(json.dumps([asdict(s) for s in scenes]))
@@ -535,8 +545,8 @@ def main(argv=None) -> None:
         ap.error(f"--tune-text-lr must be >= 0, got {args.tune_text_lr}")
     if args.local_t5 and not args.tune_steps:
         ap.error("--local-t5 needs --tune-steps (the DiT is tuned to the changed T5 features)")
-    if args.object_weight < 0:
-        ap.error(f"--object-weight must be >= 0, got {args.object_weight}")
+    if not math.isfinite(args.object_weight) or args.object_weight < 0:
+        ap.error(f"--object-weight must be a finite number >= 0, got {args.object_weight}")
     if args.object_weight and not args.tune_steps:
         ap.error("--object-weight needs --tune-steps (it weights the tune stage's loss)")
     if args.init_from and (why := init_problem(Path(args.work), Path(args.init_from))):
