@@ -123,16 +123,14 @@ def grids(pipe, folder: Path, steps) -> list[Path]:
     ref, mask = world.render(s, Q.SIZE), Q.subject_mask(s)
     mask_im = Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
     target = Q.new_background(s, random.Random(0))
-    t0 = target.objects[0]  # the prompt names the subject by its shape only, as the test's (quality.personalize)
-    prompt = f"a {t0.subject.shape} {t0.position}, {world.describe_background(target)}"
+    prompt = Q.shape_prompt(target)  # the subject named by its shape only, as the test's (quality.personalize)
     plain = pipe.generate(prompt, height=256, width=256, steps=steps, seed=0, **Q.cfg_kwargs(pipe, 4.0))[0]
     pa = pipe.personalize(prompt, Reference(ref, Q._mask_tensor(mask)), height=256, width=256, steps=steps, seed=0,
                           preset="official")[0]  # the released code's settings: what the test holds the model to
     p = s.objects[0]
     dx, dy = Q._offset_for(p)
     moved = Q.new_background(Q._moved(s, dx, dy), random.Random(1))
-    q = moved.objects[0]
-    fprompt = f"a {q.subject.shape} {q.position}, {world.describe_background(moved)}"
+    fprompt = Q.shape_prompt(moved)
     cap = world.describe(world.Placed(p.subject, "", "", 0, 0)).replace("  ", " ").strip()
     fplain = pipe.generate(fprompt, height=256, width=256, steps=steps, seed=0, **Q.cfg_kwargs(pipe, 4.0))[0]
     fc = pipe.freecus(fprompt, Reference(ref, Q._mask_tensor(mask)), caption=cap, height=256, width=256,

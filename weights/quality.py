@@ -203,6 +203,13 @@ def _moved(scene: world.Scene, dx: int, dy: int) -> world.Scene:
     return world.moved(scene, 0, cx=cx, cy=cy, position=world.nearest_position(cx, cy))
 
 
+def shape_prompt(scene: world.Scene) -> str:
+    """The prompt that names the scene's (first) object by its shape and place only: "a star on the left, on a
+    blue background" (FreeCus's rows, and Personalize Anything's with `shape_only`)."""
+    q = scene.objects[0]
+    return f"a {q.subject.shape} {q.position}, {world.describe_background(scene)}"
+
+
 def personalize(pipe, n: int = 8, seed: int = 0, mode: str = "in place", steps: int | None = None,
                 true_cfg: float = 1.0, shape_only: bool = False, **method) -> dict[str, float]:
     """Personalize Anything against plain generation with the same caption. mode: "in place", "offset" (the
@@ -240,8 +247,7 @@ def personalize(pipe, n: int = 8, seed: int = 0, mode: str = "in place", steps: 
             kw["scene"] = Reference(scene_img, None)
         prompt = world.caption(target)
         if shape_only and mode in ("in place", "offset"):
-            q = target.objects[0]
-            prompt = f"a {q.subject.shape} {q.position}, {world.describe_background(target)}"
+            prompt = shape_prompt(target)
         common = dict(height=SIZE, width=SIZE, steps=steps, seed=seed * 100 + i)
         out = as_array(pipe.personalize(prompt, refs if len(refs) > 1 else refs[0], **kw, **common, **method)[0])
         plain = as_array(pipe.generate(prompt, **common, **cfg_kwargs(pipe, true_cfg))[0])
@@ -330,8 +336,7 @@ def freecus(pipe, n: int = 8, seed: int = 0, steps: int | None = None, caption: 
         p = s.objects[0]
         dx, dy = _offset_for(p)
         target = new_background(_moved(s, dx, dy), rng)
-        q = target.objects[0]
-        prompt = f"a {q.subject.shape} {q.position}, {world.describe_background(target)}"
+        prompt = shape_prompt(target)
         cap = world.describe(replace(p, size="", position="")).strip() if caption else None
         common = dict(height=SIZE, width=SIZE, steps=steps, seed=seed * 100 + i)
         if plain:

@@ -166,8 +166,7 @@ def stage_init(work: Path, src: Path) -> None:
     from safetensors import safe_open
     with safe_open(str(src / "ae.safetensors"), "pt") as f:
         meta = f.metadata() or {}
-    dit = {k: v.float() for k, v in load_file(src / "flux1-schnell.safetensors").items()}
-    Flux(DIT).load_state_dict(dit)  # the shapes must be DIT's
+    dit = {k: v.float() for k, v in load_file(src / "flux1-schnell.safetensors").items()}  # shapes: init_problem
     shutil.copytree(src, work / "repo")
     ae = {k: v.float().contiguous() for k, v in load_file(src / "ae.safetensors").items()}
     save_file(ae, str(work / AE_FINAL), metadata={"init_from": str(src)})
@@ -234,19 +233,20 @@ def stage_data(work: Path, n: int, seed: int) -> None:
             log(f"data {start}/{n} ({time.time() - t0:.0f} s)")
     z = torch.cat(means)
     shift, std = z.mean().item(), z.std().item()
-    cfg = replace(AutoEncoderConfig.tiny(), scale_factor=1.0 / std, shift_factor=shift)
-    latents = ((z - shift) / std).half().contiguous()
     if (work / "factors.json").exists():  # --init-from: keep the latent space the initial DiT was trained in
         f = json.loads((work / "factors.json").read_text())
         log(f"data: measured shift {shift:.4f}, scale {1 / std:.4f}; kept the initial repository's")
-        cfg = replace(cfg, scale_factor=f["scale_factor"], shift_factor=f["shift_factor"])
-        latents = ((z - cfg.shift_factor) * cfg.scale_factor).half().contiguous()
-        shift, std = cfg.shift_factor, 1.0 / cfg.scale_factor
+        scale, shift = f["scale_factor"], f["shift_factor"]
+        latents = ((z - shift) * scale).half().contiguous()
+    else:
+        scale = 1.0 / std
+        latents = ((z - shift) / std).half().contiguous()
+    cfg = replace(AutoEncoderConfig.tiny(), scale_factor=scale, shift_factor=shift)
     (work / "cover.safetensors").unlink(missing_ok=True)  # the object cover of the scenes encoded before, if any
     save_file({"latents": latents}, str(work / "latents.safetensors"),
               metadata={"scale_factor": repr(cfg.scale_factor), "shift_factor": repr(cfg.shift_factor)})
     (work / "scenes.json").write_text(json.dumps([asdict(s) for s in scenes]))
-    log(f"data done: {n} latents, shift {shift:.4f}, scale {1 / std:.4f}")
+    log(f"data done: {n} latents, shift {shift:.4f}, scale {scale:.4f}")
 
 
 def scene_from_dict(d: dict) -> world.Scene:
