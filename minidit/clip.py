@@ -76,16 +76,16 @@ _ACTS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
         d = cfg.hidden_size
-        self.heads = cfg.num_heads
+        self.heads, self.causal = cfg.num_heads, causal  # causal: the text tower; not: a ViT (minidit.eval)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:
         B, L, C = x.shape
         q, k, v = (p(x).view(B, L, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, D)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -101,9 +101,9 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
         self.mlp = CLIPMLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
