@@ -2,12 +2,15 @@
 
     write_tiny_flux("flux1-dev.safetensors", TINY)                      # BFL single file
     write_tiny_flux("repo/transformer", TINY, layout="diffusers")        # diffusers folder, sharded
+    write_tiny_variant("FLUX.1-Fill-dev", "fill")                         # flux1-fill-dev.safetensors (img_in 384)
+    write_tiny_variant("FLUX.1-Kontext-dev", "kontext", layout="diffusers")  # transformer/ + model_index.json
 
 Same key names as the real checkpoints, small widths/depths; deterministic from the seed (each tensor is drawn
 from its own generator seeded by (seed, key), so adding a key never changes the others).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from pathlib import Path
@@ -97,12 +100,47 @@ def save_diffusers(sd: dict[str, torch.Tensor], cfg: FluxConfig, folder, shards:
 
 
 def write_tiny_flux(path, cfg: FluxConfig = TINY, seed: int = 0, layout: str = "bfl", dtype=torch.float32,
-                    shards: int = 2) -> Path:
+                    shards: int = 2, in_channels: int | None = None) -> Path:
     """Write a tiny FLUX transformer. layout "bfl": one safetensors file at `path`; "diffusers": a folder
-    `path` with config.json, `diffusion_pytorch_model-0000N-of-0000M.safetensors` shards and the index json."""
+    `path` with config.json, `diffusion_pytorch_model-0000N-of-0000M.safetensors` shards and the index json.
+    `in_channels` (img_in width) overrides cfg's: 64 dev/schnell/Kontext, 128 Depth/Canny, 384 Fill."""
+    if in_channels is not None:
+        cfg = dataclasses.replace(cfg, in_channels=in_channels)
     sd = {k: v.to(dtype) for k, v in random_state_dict(cfg, seed).items()}
     if layout == "bfl":
         return save_bfl(sd, cfg, path)
     if layout != "diffusers":
         raise ValueError(f"layout must be 'bfl' or 'diffusers', got {layout!r}")
     return save_diffusers(sd, cfg, path, shards)
+
+
+# the official FLUX.1 family: BFL file stem, img_in width, guidance embedding, diffusers pipeline class
+VARIANTS = {
+    "dev": ("flux1-dev", 64, True, "FluxPipeline"),
+    "schnell": ("flux1-schnell", 64, False, "FluxPipeline"),
+    "fill": ("flux1-fill-dev", 384, True, "FluxFillPipeline"),
+    "depth": ("flux1-depth-dev", 128, True, "FluxControlPipeline"),
+    "canny": ("flux1-canny-dev", 128, True, "FluxControlPipeline"),
+    "kontext": ("flux1-kontext-dev", 64, True, "FluxKontextPipeline"),
+}
+
+
+def write_tiny_variant(root, variant: str, cfg: FluxConfig = TINY, seed: int = 0, layout: str = "bfl",
+                       dtype=torch.float32) -> Path:
+    """A tiny transformer of one FLUX.1 family member under its official name in `root`: layout "bfl" writes
+    `root/flux1-<variant>.safetensors`, "comfyui" the same keys under `model.diffusion_model.`, "diffusers"
+    `root/transformer/` plus a model_index.json naming the pipeline class (how a Kontext folder is told apart).
+    Returns the file or the transformer folder."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    stem, width, guidance, pipeline = VARIANTS[variant]
+    cfg = dataclasses.replace(cfg, in_channels=width, guidance_embed=guidance)
+    root = Path(root)
+    if layout == "diffusers":
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "_diffusers_version": "0.42.1"}))
+        return write_tiny_flux(root / "transformer", cfg, seed, "diffusers", dtype)
+    if layout == "comfyui":
+        sd = {f"model.diffusion_model.{k}": v.to(dtype) for k, v in random_state_dict(cfg, seed).items()}
+        return save_bfl(sd, cfg, root / f"{stem}.safetensors")
+    return write_tiny_flux(root / f"{stem}.safetensors", cfg, seed, layout, dtype)
