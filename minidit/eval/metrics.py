@@ -49,6 +49,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DINO_RESIZE, DINO_CROP = 256, 224
 BICUBIC = 3  # PIL.Image.BICUBIC, the `resample` of CLIP's preprocessor_config.json
 SIZE_NAMES = {384: "S", 768: "B", 1024: "L", 1280: "H"}
+HINTS = {"clip": "CLIPModel (e.g. openai/clip-vit-base-patch32)", "vit": "ViTModel DINO (e.g. facebook/dino-vits16)"}
 DINO_TRANSFORM = ("resize shortest edge 256 bicubic, centre crop 224, ImageNet mean/std "
                   "(the common DreamBench DINO transform, not the hub preprocessor)")
 
@@ -105,8 +106,10 @@ def dino_pixels(img: Image.Image, resize: int = DINO_RESIZE, crop: int = DINO_CR
 
 # ------------------------------------------------------------------------------------------------- loading
 
-def _config(folder: Path, flag: str, kind: str, hint: str) -> dict:
-    """folder/config.json of the expected `kind` (model_type), else a one-line error naming the flag."""
+def check_folder(folder: Path, flag: str, kind: str, hint: str | None = None) -> dict:
+    """folder/config.json of the expected `kind` (model_type "clip" or "vit"), else a one-line error naming the
+    flag; read before any model is built."""
+    hint = hint or HINTS[kind]
     if not folder.is_dir():
         raise CheckpointError(f"{flag} {folder}: not a folder (give the {hint} folder)")
     d = read_json(folder / "config.json", f"{flag} config")
@@ -148,8 +151,7 @@ class ClipMetric(nn.Module):
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu", flag: str = "--metric-clip") -> ClipMetric:
         folder = Path(folder)
-        hint = "CLIPModel (e.g. openai/clip-vit-base-patch32)"
-        d = _config(folder, flag, "clip", hint)
+        d = check_folder(folder, flag, "clip")
         what = f"{flag} {folder}/config.json"
         if not isinstance(d.get("text_config"), dict) or not isinstance(d.get("vision_config"), dict):
             raise CheckpointError(f"{what}: needs text_config and vision_config objects")
@@ -242,7 +244,7 @@ class DinoMetric(nn.Module):
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu", flag: str = "--metric-dino") -> DinoMetric:
         folder = Path(folder)
-        d = _config(folder, flag, "vit", "ViTModel DINO (e.g. facebook/dino-vits16)")
+        d = check_folder(folder, flag, "vit")
         cfg = ViTConfig.from_vit(d, f"{flag} {folder}/config.json")
         if cfg.image_size != DINO_CROP:
             raise CheckpointError(f"{flag} {folder}: image_size {cfg.image_size}; the DreamBench transform crops "
