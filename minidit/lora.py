@@ -91,6 +91,7 @@ class Lora:
     replace: dict[str, str]              # BFL parameter -> LoRA key whose value replaces it (QK-norm scales)
     in_channels: int | None              # width of img_in's lora_A, if the file has one
     sd: LazyStateDict = dataclasses.field(repr=False, default=None)
+    finite: bool = False                 # every tensor read once and found finite (check_finite)
 
 
 # ---------------------------------------------------------------------------------------------- key tables
@@ -279,6 +280,7 @@ def check_finite(lora: Lora) -> None:
     for k in lora.sd:
         if lora.sd.dtype(k).is_floating_point and not bool(torch.isfinite(lora.sd.read(k).float()).all()):
             raise CheckpointError(f"LoRA {lora.path}: tensor {k!r} holds NaN or Inf")
+    lora.finite = True
 
 
 def model_shapes(cfg: FluxConfig) -> dict[str, tuple[int, ...]]:
@@ -313,7 +315,8 @@ def check_shapes(lora: Lora, cfg: FluxConfig, shapes: Mapping[str, tuple[int, ..
 
 
 def read_loras(loras, cfg: FluxConfig | None = None, check_values: bool = True) -> list[Lora]:
-    """[(path, scale), ...] (or Lora objects) -> validated Loras; two files replacing one norm scale is an error."""
+    """[(path, scale), ...] (or Lora objects from an earlier check) -> validated Loras: keys and ranks, shapes
+    against `cfg` when given, then values (once per Lora); two files replacing one norm scale is an error."""
     out = [x if isinstance(x, Lora) else read_lora(x[0], x[1], check_values=False) for x in loras]
     if cfg is not None and out:
         wide = widened(cfg, out)
@@ -322,7 +325,8 @@ def read_loras(loras, cfg: FluxConfig | None = None, check_values: bool = True) 
             check_shapes(lora, wide, shapes)
     if check_values:
         for lora in out:
-            check_finite(lora)
+            if not lora.finite:
+                check_finite(lora)
     seen = {}
     for lora in out:
         for p in lora.replace:
@@ -392,7 +396,8 @@ class WithLoras(Converted):
     A Converted view, so load_streaming keeps its plain-file reads of the base underneath."""
 
     def __init__(self, src: Mapping, loras: list[Lora], cfg: FluxConfig, device):
-        super().__init__(src, {k: ("copy", (k,)) for k in src})
+        # not Converted.__init__: its membership test (`in` on a LazyStateDict) would read every tensor
+        self.src, self.plan, self.missing = src, {k: ("copy", (k,)) for k in src}, getattr(src, "missing", [])
         self.loras, self.cfg, self.device, self.keys = loras, cfg, device, touched(loras)
 
     def __getitem__(self, key):

@@ -338,3 +338,38 @@ def test_two_control_loras_conflict(tmp_path, base):
     b = write_tiny_lora(tmp_path / "b.safetensors", TINY, "bfl-control", seed=2)
     with pytest.raises(CheckpointError, match="b.safetensors: replaces .*norm.*which .*a.safetensors replaces too"):
         load_transformer(base[0], "cpu", loras=[(a, 1.0), (b, 1.0)])
+
+
+def test_comfyui_key_names_merge_like_kohya(tmp_path, base):
+    """ComfyUI saves kohya-style factors under BFL module names (`diffusion_model.double_blocks.0.img_attn.qkv.
+    lora_down.weight`): the same LoRA in both namings merges to the same weights."""
+    from minidit.lora import key_table
+    sd = tiny_lora(TINY, "kohya", alpha=2.0)
+    kohya_to_bfl = {k: t.module for k, t in key_table(2, 2)[0].items() if k.startswith("lora_unet_")}
+    comfy = {}
+    for k, v in sd.items():
+        module, _, part = k.partition(".")
+        comfy[f"diffusion_model.{kohya_to_bfl[module]}.{part}"] = v
+    a, b = bad(tmp_path, "kohya.safetensors", sd), bad(tmp_path, "comfy.safetensors", comfy)
+    ma = load_transformer(base[0], "cpu", torch.float32, loras=[(a, SCALE)]).state_dict()
+    mb = load_transformer(base[0], "cpu", torch.float32, loras=[(b, SCALE)]).state_dict()
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_merge_streams_with_plain_file_reads(tmp_path, base, monkeypatch):
+    """The merged load reads the base as the plain load does (owned file reads, never the memory map), and a
+    checked Lora passed back in is not read again for its values."""
+    from minidit.loading import LazyStateDict
+    from minidit.lora import read_loras
+    lora = read_loras([(write_tiny_lora(tmp_path / "l.safetensors", TINY, "bfl-control"), 1.0)], TINY)
+    assert lora[0].finite
+    mapped = LazyStateDict.__getitem__
+
+    def no_mapped_reads(self, key):  # a missing key may still be looked up (`in`): only real reads fail
+        if key in set(self):
+            pytest.fail(f"{key} read through the memory map")
+        return mapped(self, key)
+    monkeypatch.setattr(LazyStateDict, "__getitem__", no_mapped_reads)
+    monkeypatch.delenv("MINIDIT_MMAP", raising=False)
+    m = load_transformer(base[0], "cpu", torch.float32, loras=lora)
+    assert m.cfg.variant == "control" and m.loras[0] is lora[0]
