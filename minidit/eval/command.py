@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import validate
 from ..loading import CheckpointError
 from ..masks import Reference, load_reference, require_nonempty, token_mask_rule
 from . import cases as cases_mod
@@ -82,6 +83,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         v = getattr(args, name)
         if v is not None and (v < 16 or v % 16):
             raise ValueError(f"--{name} must be a positive multiple of 16, got {v}")
+    if args.device is not None:
+        try:
+            validate.device(args.device)
+        except ValueError as e:
+            raise ValueError(f"--device: {e}") from None
     if any(not 0 <= s < 2 ** 63 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds must be distinct integers in [0, 2^63), got {args.seeds}")
     rows = parse_methods(args.methods)

@@ -7,7 +7,8 @@
     dino_ = cosine(dino.features([img]), dino.features([reference]))
 
 - CLIP-T: cosine of CLIP's projected image feature and projected text feature (DreamBooth, Ruiz et al. 2023;
-  the text is the case's prompt, with the class noun and without a unique token). CLIP-I: cosine of the
+  the text is the case's prompt, with the class noun and without a unique token; FreeCus' appended subject
+  caption is not part of it). CLIP-I: cosine of the
   projected image features of the generated image and the real reference. Both as transformers' `CLIPModel`
   (`get_image_features` / `get_text_features`), the image through `CLIPImageProcessor` exactly: shortest edge to
   224 with PIL bicubic (long edge `int(224·long/short)`), centre crop 224 (offset `(size - 224) // 2`), ×1/255 in

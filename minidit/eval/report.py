@@ -115,12 +115,19 @@ def plot(summary: list[dict], path: Path) -> None:
             draw.text((x0 + 4, py - 5), f"{fy:.3g}", fill="black", font=font)
         draw.text((x0 + W // 2 - 30, H - 22), NAMES[mx], fill="black", font=font)
         draw.text((x0 + pad, 8), f"{NAMES[my]} vs {NAMES[mx]}", fill="black", font=font)
+        placed: list[tuple[float, float, float, float]] = []  # label boxes so far: labels never overlap
         for x, y, e in pts:
             px, py = at(x, y)
             c = COLOURS.get(e["method"], (0, 150, 0))
             draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=c)
-            label = e["row"].replace("personalize", "PA").replace("freecus", "FreeCus")
-            draw.text((px + 6, py - 6), label[:34], fill=c, font=font)
+            label = e["row"].replace("personalize", "PA").replace("freecus", "FreeCus")[:34]
+            w = draw.textlength(label, font=font)
+            for dy in (0, 11, -11, 22, -22, 33, -33, 44, -44, 55, -55):
+                box = (px + 6, py - 6 + dy, px + 6 + w, py + 5 + dy)
+                if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                    break
+            placed.append(box)
+            draw.text(box[:2], label, fill=c, font=font)
     tmp = path.with_name(f".{path.name}.tmp")
     canvas.save(tmp, format="PNG")
     os.replace(tmp, path)
