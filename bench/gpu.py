@@ -47,10 +47,11 @@ import gpu_env  # noqa: E402
 README = BENCH.parent / "README.md"
 BUDGETS = {"kernel": 120, "step": 190, "methods": 50, "memory": 50}  # seconds on a GPU: 410 s in all
 SMOKE_BUDGET = 300
-# Dense bf16 tensor-core TFLOP/s from the vendors' datasheets (no sparsity), matched in order on the device name.
+# Dense bf16 tensor-core TFLOP/s from the vendors' datasheets (no sparsity), matched in order on the device name;
+# None: no published figure (the % of peak column stays empty rather than wrong).
 BF16_PEAK = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("GH200", 989), ("H200 NVL", 835), ("H200", 989),
              ("H800", 989), ("H20", 148), ("B200", 2250), ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181),
-             ("L4", 121), ("A40", 150), ("A10", 125), ("RTX 6000 Ada", 364), ("A6000", 155), ("RTX 4090", 165),
+             ("L4", 121), ("A40", 150), ("A10G", None), ("A10", 125), ("RTX 6000 Ada", 364), ("A6000", 155), ("RTX 4090", 165),
              ("RTX 3090", 71)]
 SECTION = "GPU run (bench/gpu.py)"
 INTRO = """`bench/gpu.py`: one process measuring what had only been reasoned about: the fused kernel's correctness
@@ -59,7 +60,7 @@ with and without offload. Random full-size weights made on the GPU; each table s
 
 
 def bf16_peak(name: str) -> float | None:
-    return next((tf for key, tf in BF16_PEAK if key.lower() in name.lower()), None)
+    return next((tf for key, tf in BF16_PEAK if key.lower() in name.lower()), None)  # first match decides
 
 
 class Tee:

@@ -10,7 +10,7 @@ the GPU machine's Python, less the packages that torch and minidit themselves de
 safetensors, filelock, ...): a machine that runs minidit has those already, and with them the folder would
 grow from ~14 MB to ~37 MB. `ensure()` then installs, without any index:
   - minidit itself, editable from this checkout (`pip install --no-index --no-deps --no-build-isolation -e .`),
-    when `minidit.kernels` is not importable (a copied checkout that was never installed);
+    when `minidit.kernels.ref_attention` is not importable (a copied checkout that was never installed);
   - diffusers from the wheel folder, when it is missing (`pip install --no-index --find-links DIR REQ`):
     dependencies already installed and new enough are kept, the others come from the folder.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / "bench" / ".wheels"
+KERNEL = "minidit.kernels.ref_attention"  # importable only from an installed minidit (kernels/ maps into it)
 
 
 def _name(req: str) -> str:
@@ -86,7 +87,7 @@ def ensure(wheels: Path = WHEELS, log=print) -> bool:
     """Install what is missing, offline. Returns True when minidit had to be installed (its editable finder only
     takes effect in a new interpreter: the caller re-executes itself)."""
     reexec = False
-    if not importable("minidit.kernels"):
+    if not importable(KERNEL):
         ok, out = pip("install", "-q", "--no-index", "--no-deps", "--no-build-isolation", "-e", str(ROOT))
         log(f"environment: minidit installed editable from {ROOT}" if ok else
             f"environment: editable install of minidit failed:\n{out[-2000:]}")
@@ -115,7 +116,7 @@ def main(argv: list[str]) -> None:
         if ensure(folder) and not os.environ.get("MINIDIT_GPU_ENV_REEXEC"):  # a new interpreter sees minidit
             env = dict(os.environ, MINIDIT_GPU_ENV_REEXEC="1")
             sys.exit(subprocess.run([sys.executable, __file__, "--wheels", str(folder)], env=env).returncode)
-        for mod in ("minidit.kernels", "diffusers"):
+        for mod in (KERNEL, "diffusers"):
             m = importlib.import_module(mod) if importable(mod) else None
             print(f"{mod}: {getattr(m, '__version__', '') or 'ok'} {m.__file__}" if m else f"{mod}: MISSING")
     else:

@@ -87,6 +87,15 @@ def test_record_writes_only_the_copies(smoke, tmp_path):
     assert new.count("\n## ") == REAL[0].read_text().count("\n## ")  # every other section kept
 
 
+def test_bf16_peak_reads_the_device_name():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu import bf16_peak
+    names = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989, "NVIDIA GH200 480GB": 989,
+             "NVIDIA A100-SXM4-80GB": 312, "NVIDIA L40S": 362, "NVIDIA L4": 121, "NVIDIA A10": 125,
+             "NVIDIA A10G": None, "NVIDIA GeForce RTX 4090": 165, "Some Future GPU": None}
+    assert {n: bf16_peak(n) for n in names} == names
+
+
 @pytest.mark.slow
 def test_wheel_folder_installs_offline_into_a_fresh_venv(tmp_path):
     """What the GPU machine does: Python with torch and minidit's dependencies but neither diffusers nor minidit
@@ -129,4 +138,4 @@ def test_wheel_folder_installs_offline_into_a_fresh_venv(tmp_path):
                        capture_output=True, text=True, timeout=300, env=offline)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"diffusers: {pin.split('==')[1]} {venv}" in r.stdout       # installed into the fresh venv
-    assert "minidit.kernels: ok" in r.stdout and "installed editable" in r.stdout
+    assert "minidit.kernels.ref_attention: ok" in r.stdout and "installed editable" in r.stdout
