@@ -45,7 +45,7 @@ sys.path.insert(0, str(BENCH))
 import gpu_env  # noqa: E402
 
 README = BENCH.parent / "README.md"
-BUDGETS = {"kernel": 120, "step": 190, "methods": 50, "memory": 50}  # seconds on a GPU: 410 s in all
+BUDGETS = {"kernel": 110, "step": 180, "methods": 50, "memory": 45}  # seconds on a GPU: 385 s in all
 SMOKE_BUDGET = 300
 # Dense bf16 tensor-core TFLOP/s from the vendors' datasheets (no sparsity), matched in order on the device name;
 # None: no published figure (the % of peak column stays empty rather than wrong).
