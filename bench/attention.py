@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from minidit.attention import attention_reference
-from minidit.kernels import ref_attention
+from minidit.kernels.ref_attention import ref_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, record  # noqa: E402
@@ -211,8 +211,8 @@ def check(device) -> bool:
                 good = err <= 2e-2
                 ok &= good
                 print(f"check {str(dtype):15s} D={D:3d} {mode:8s} max abs err {err:.2e} {'ok' if good else 'FAIL'}")
-    from minidit.attention import _auto_backend
-    auto = _auto_backend(torch.zeros(1, 1, 1, 128, device=device, dtype=torch.bfloat16))
+    from minidit.attention import auto_backend
+    auto = auto_backend(torch.zeros(1, 1, 1, 128, device=device, dtype=torch.bfloat16))
     print(f"check automatic backend on {device} bf16 D=128: {auto} {'ok' if auto == 'triton' else 'FAIL'}")
     return ok and auto == "triton"
 

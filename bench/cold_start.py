@@ -3,11 +3,11 @@
     python bench/cold_start.py [--repeats 3] [--steps 2] [--size 256] [--record]
 
 Two checkpoints: a tiny random FLUX.1-dev repository (minidit.weights.tiny.write_tiny_repo, both layouts) and the
-built-in trained tiny model (minidit.weights.tiny.builtin_repo(), a FLUX.1-schnell repository; minidit's CLI uses
+built-in trained tiny model (minidit.repository.builtin_repo(), a FLUX.1-schnell repository; minidit's CLI uses
 it when no --weights is given). Each process, from interpreter start to exit:
   minidit    `python -m minidit generate [--weights REPO] --prompt P --steps S --width W --height W --seed 0
              --output OUT.png --quiet` (for the built-in model without --weights, so the CLI applies its own
-             defaults: weights/tiny.py TRAINED_DEFAULTS, true CFG 4 with the empty negative prompt)
+             defaults: minidit.repository.BUILTIN_DEFAULTS, true CFG 4 with the empty negative prompt)
   diffusers  FluxPipeline.from_pretrained(REPO, dtype=float32), the same prompt, size, steps, guidance 3.5,
              generator seeded 0, max_sequence_length as minidit uses it (512 for the random dev repository, 48 =
              the trained tokenizer's model_max_length for the built-in one, which also gets negative_prompt "" and
@@ -63,7 +63,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from minidit.weights.tiny import TRAINED_DEFAULTS, builtin_repo, write_tiny_repo
+    from minidit.repository import BUILTIN_DEFAULTS, builtin_repo
+    from minidit.weights.tiny import write_tiny_repo
 
     tmp = Path(tempfile.mkdtemp(prefix="cold_start-"))
     random_repo = write_tiny_repo(tmp / "FLUX.1-dev", "dev", seed=0)
@@ -78,7 +79,7 @@ def main() -> None:
          dict(common, repo=str(random_repo), max_sequence_length=512)),
         ("built-in trained tiny (schnell, no --weights)", [],
          dict(common, repo=str(builtin_repo()), max_sequence_length=48,
-              negative_prompt=TRAINED_DEFAULTS["negative_prompt"], true_cfg_scale=TRAINED_DEFAULTS["true_cfg_scale"])),
+              negative_prompt=BUILTIN_DEFAULTS["negative_prompt"], true_cfg_scale=BUILTIN_DEFAULTS["true_cfg_scale"])),
     ]
     n = 0
 

@@ -59,7 +59,7 @@ def region_stats(out: torch.Tensor, ref: torch.Tensor, region: torch.Tensor) -> 
 
 
 def run(args) -> str:
-    from minidit.personalize import outpaint_canvas
+    from minidit.regions import outpaint_canvas
     from minidit.pipeline import Pipeline
     if args.weights is None:  # the random tiny checkpoint (explicitly: Pipeline.load(None) may be a trained one)
         from minidit.weights.tiny import tiny_repo

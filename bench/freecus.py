@@ -71,7 +71,7 @@ def bench_pipeline(args, device) -> list[tuple[str, float, float]]:
 
 def bench_loop(model, args, device, dtype, txt_len: int) -> list[tuple[str, float, float]]:
     from minidit import sampling
-    from minidit.freecus import default_vital_layers, denoise_freecus, reference_sigmas
+    from minidit.freecus import NoisedReference, default_vital_layers, reference_sigmas
     cfg, cuda = model.cfg, device.type == "cuda"
     h, w = sampling.latent_size(args.size, args.size)
     n = (h // 2) * (w // 2)
@@ -86,8 +86,8 @@ def bench_loop(model, args, device, dtype, txt_len: int) -> list[tuple[str, floa
     sig = reference_sigmas(args.steps, n)
     vital = default_vital_layers(cfg.depth, cfg.depth_single_blocks)
     plain, ours = timeit_pair(lambda: sampling.denoise(model, img, ids, txt, txt_ids, vec, ts, 3.5),
-                              lambda: denoise_freecus(model, img, ids, txt, txt_ids, vec, ts, x_ref, eps, sig,
-                                                      subject, vital_layers=vital), args.repeats, cuda)
+                              lambda: sampling.denoise(model, img, ids, txt, txt_ids, vec, ts, 3.5, branch=NoisedReference(
+                                  model, x_ref, eps, sig, subject, ids, txt, txt_ids, vec, vital)), args.repeats, cuda)
     skip = flops_ratio(cfg, n, txt_len, vital, len(subject) / n)  # masked-out reference keys skipped (Triton)
     full = flops_ratio(cfg, n, txt_len, vital, 1.0)                  # ... or computed and masked (SDPA)
     print(f"FLOP model of the loop: {skip:.2f}x with only the subject's reference keys computed, {full:.2f}x with "

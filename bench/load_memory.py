@@ -21,7 +21,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time, torch
-from minidit.transformer import load_transformer
+from minidit.flux_loading import load_transformer
 def status():
     d = {}
     for line in open("/proc/self/status"):

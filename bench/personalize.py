@@ -81,7 +81,8 @@ def bench_pipeline(args, device) -> list[tuple[str, float, float, float]]:
 def bench_loop(model, args, device, dtype) -> list[tuple[str, float, float, float]]:
     from minidit import sampling
     from minidit.masks import token_indices, token_mask
-    from minidit.personalize import Region, denoise_with_references, replace_steps
+    from minidit.personalize import PersonalizeSettings, ReferenceTrajectory, replace_steps
+    from minidit.regions import Region
     H = W = args.size
     N, L, cfg = (H // 16) * (W // 16), args.txt_len, model.cfg
     g = torch.Generator().manual_seed(0)
@@ -101,8 +102,12 @@ def bench_loop(model, args, device, dtype) -> list[tuple[str, float, float, floa
     for label, n, concat in CASES:
         txt, tid, vec = tensors(n + 1)
         x_ref = torch.randn(n, N, 64, generator=g).to(device, dtype)
-        ours = partial(denoise_with_references, model, x_ref, x_ref, img, ids, txt, tid, vec, ts, 3.5, regions[:n],
-                       n_replace=replace_steps(0.8, args.steps), concat=concat)
+        s = PersonalizeSettings(concat=concat)
+
+        def ours(x_ref=x_ref, txt=txt, tid=tid, vec=vec, n=n, s=s):  # a branch carries its state: a new one per run
+            branch = ReferenceTrajectory(x_ref, x_ref, ids.expand(n, -1, -1), txt[:n], tid[:n], vec[:n], regions[:n],
+                                         args.steps, s, n_replace=replace_steps(0.8, args.steps))
+            return sampling.denoise(model, img, ids, txt[n:], tid[n:], vec[n:], ts, 3.5, branch=branch)
         base, t = compare(plain, ours, args.repeats, cuda)
         rows.append((f"loop, {label}", base, t, model_ratio(n, concat, 0.8, args.steps)))
     return rows

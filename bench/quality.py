@@ -86,7 +86,7 @@ def freecus_rows(pipe, n, steps):
                 ("plain generation + caption", dict(plain=True)),
                 ("FreeCus", {}),
                 ("FreeCus, no caption", dict(caption=False)),
-                ("FreeCus, no ANS", dict(ans=False)),
+                ("FreeCus, no ANS", dict(mu_shift_type="target")),
                 ("FreeCus, λ = 1", dict(lambda_ref=1.0, lambda_prompt=1.0))]
     rows = []
     for name, kw in variants:

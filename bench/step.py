@@ -127,7 +127,7 @@ def main() -> None:
         t_theirs = timeit(run_theirs, a.iters, 3 if cuda else 1, cuda)
 
     dev_name = torch.cuda.get_device_name() if cuda else "CPU (smoke run, tiny config, not a measurement)"
-    backend = a.backend or ("auto: " + attn._auto_backend(torch.empty(1, 1, 1, cfg.head_dim, device=device, dtype=dtype), reference=False))
+    backend = a.backend or ("auto: " + attn.auto_backend(torch.empty(1, 1, 1, cfg.head_dim, device=device, dtype=dtype), reference=False))
     print(f"device: {dev_name}   torch {torch.__version__}   dtype {dtype}   attention backend {backend}"
           f"{'   compiled' if a.compile else ''}")
     print(f"shape: {a.size}x{a.size} -> {N} image + {a.txt} text tokens, {cfg.depth}+{cfg.depth_single_blocks} blocks, "

@@ -1,23 +1,35 @@
-"""minidit: a from-scratch, minimal FLUX.1 in pure PyTorch with training-free subject personalization."""
+"""minidit: a from-scratch, minimal FLUX.1 in pure PyTorch with training-free subject personalization.
+
+The names below are resolved on first use (PEP 562 `__getattr__`): `from minidit import Pipeline` imports
+minidit.pipeline (and torch) then, while `import minidit` alone imports nothing heavy, so that `minidit --help`
+answers without waiting for torch (minidit/cli/__init__.py, bench/cli_start.py).
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .autoencoder import AutoEncoder, AutoEncoderConfig, load_autoencoder  # noqa: E402
-from .image import load_image, load_mask, pil_to_tensor, tensor_to_pil  # noqa: E402
-from .clip import CLIPTextConfig, CLIPTextEncoder  # noqa: E402
-from .loading import CheckpointError  # noqa: E402
-from .masks import Reference  # noqa: E402
-from .pipeline import Pipeline  # noqa: E402
-from .freecus import FreeCusSettings  # noqa: E402
-from .personalize import EditSettings, PersonalizeSettings  # noqa: E402
-from .presets import PRESET  # noqa: E402
-from .refstate import RefState  # noqa: E402
-from .t5 import T5Config, T5Encoder  # noqa: E402
-from .text_encoder import TextEncoder, load_clip, load_t5  # noqa: E402
-from .tokenizer import CLIPTokenizer, T5Tokenizer  # noqa: E402
-from .transformer import Flux, FluxConfig, load_transformer  # noqa: E402
+EXPORTS = {  # public name -> the module that defines it
+    "AutoEncoder": "autoencoder", "AutoEncoderConfig": "autoencoder", "load_autoencoder": "autoencoder",
+    "load_image": "image", "load_mask": "image", "pil_to_tensor": "image", "tensor_to_pil": "image",
+    "CLIPTextConfig": "clip", "CLIPTextEncoder": "clip", "CheckpointError": "loading", "Reference": "masks",
+    "Pipeline": "pipeline", "FreeCusSettings": "freecus", "EditSettings": "personalize",
+    "PersonalizeSettings": "personalize", "PRESET": "presets", "RefState": "refstate", "T5Config": "t5",
+    "T5Encoder": "t5", "TextEncoder": "text_encoder", "load_clip": "text_encoder", "load_t5": "text_encoder",
+    "CLIPTokenizer": "tokenizer", "T5Tokenizer": "tokenizer", "load_transformer": "flux_loading",
+    "Flux": "transformer", "FluxConfig": "transformer", "ModelDefaults": "defaults",
+}
+__all__ = list(EXPORTS)
 
-__all__ = ["AutoEncoder", "AutoEncoderConfig", "load_autoencoder", "CLIPTextConfig",
-           "CLIPTextEncoder", "CheckpointError", "Reference", "Pipeline", "RefState", "T5Config", "T5Encoder",
-           "TextEncoder", "load_clip", "load_t5", "CLIPTokenizer", "T5Tokenizer", "Flux", "FluxConfig",
-           "load_transformer", "load_image", "load_mask", "pil_to_tensor", "tensor_to_pil",
-           "PersonalizeSettings", "EditSettings", "FreeCusSettings", "PRESET"]
+
+def __getattr__(name: str):
+    if name not in EXPORTS:
+        raise AttributeError(f"module 'minidit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{EXPORTS[name]}"), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *EXPORTS})

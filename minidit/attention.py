@@ -53,6 +53,23 @@ def set_backend(name: str | None) -> None:
     _backend = name
 
 
+def check_backend(name: str | None = None) -> None:
+    """The backend `name` (default: the one set by `set_backend` / MINIDIT_ATTENTION) can run here: a known name,
+    and triton installed for "triton". Run before any model loads (Pipeline.load, the CLI); one ValueError."""
+    name = _backend if name is None else name
+    what = f"MINIDIT_ATTENTION={name}" if name is not None and name == os.environ.get("MINIDIT_ATTENTION") \
+        else f"attention backend {name!r}"
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{what}: unknown; choose one of {', '.join(BACKENDS)} (or unset it: automatic)")
+    if name == "triton" and not _have_triton():
+        raise ValueError(f"{what}: triton is not installed (pip install triton on Linux; or use sdpa)")
+
+
+def backend() -> str:
+    """The backend set by `set_backend` / MINIDIT_ATTENTION, or "auto" (chosen per call)."""
+    return _backend or "auto"
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, pe: Tensor | None = None, *,
     ref_k: Tensor | None = None, ref_v: Tensor | None = None, ref_mask: Tensor | None = None,
@@ -67,13 +84,13 @@ def attention(
     if mask_mode not in ("exclude", "zero"):
         raise ValueError(f"mask_mode must be 'exclude' or 'zero', got {mask_mode!r}")
     ref_mask = subject_mask_arg(ref_mask, q, ref_k)  # every backend gets (B, R) bool on q's device
-    backend = backend or _backend or _auto_backend(q, reference=ref_k is not None or not _is_one(lambda_txt))
+    backend = backend or _backend or auto_backend(q, reference=ref_k is not None or not _is_one(lambda_txt))
     if backend == "reference":
         out = attention_reference(q, k, v, ref_k, ref_v, ref_mask, lambda_ref, lambda_txt, n_txt, mask_mode)
     elif backend == "sdpa":
         out = attention_sdpa(q, k, v, ref_k, ref_v, ref_mask, lambda_ref, lambda_txt, n_txt, mask_mode)
     elif backend == "triton":
-        from .kernels import ref_attention  # imported lazily: triton is only needed on this path
+        from .kernels.ref_attention import ref_attention  # lazily: triton is only needed on this path
         out = ref_attention(q, k, v, ref_k, ref_v, ref_mask, lambda_ref, lambda_txt, n_txt, mask_mode)
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -102,7 +119,7 @@ def subject_mask_arg(ref_mask: Tensor | None, q: Tensor, ref_k: Tensor | None) -
     return m if m.dim() == 2 and m.shape[0] == B else m.reshape(1, R).expand(B, R)
 
 
-def _auto_backend(q: Tensor, reference: bool = True) -> str:
+def auto_backend(q: Tensor, reference: bool = True) -> str:
     """The fused kernel for the masked, λ-scaled operation on CUDA; plain joint attention (no reference keys,
     no λ) stays on SDPA, whose flash/cuDNN kernels are the strongest known for that case."""
     if reference and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128) \

@@ -15,44 +15,14 @@ are those of `ae.safetensors`, so loading is a strict `load_state_dict`:
            2^-i: up[0] is the last one run (highest resolution, `ch` channels), as in the official code.
 Latents are normalised as the transformer expects: z = scale_factor * (mean - shift_factor); decode undoes it.
 
-Tiling (`tile=` pixels, for large images; inference only). The only global operations are the mid-block
-attention and the GroupNorm statistics. The low-resolution part (encoder mid/out, decoder conv_in/mid, all at
-H/8 x W/8) runs on the whole latent, so attention is exact. The full-resolution part runs one layer at a time
-(conv_in, each ResnetBlock, each Down/Upsample, norm_out + conv_out), each on crops of about tile x tile
-samples, widened by the layer's reach (1 sample per 3x3 conv) and cut back to their cores, which tile the
-image (`_map`); the cores are assembled into the whole-image tensor that the next layer reads. Every
-GroupNorm uses the whole image's statistics: a ResnetBlock's norm1 those of its input (summed tile by tile),
-its norm2 those of conv1's output, summed by a first pass over the tiles that keeps nothing else; a second pass
-runs conv1 again and conv2 (`_tiled_resnet`). So tiled == untiled up to float rounding (measured on the tiny
-AE: max abs diff ~5e-6 at outputs of magnitude ~5, tests/test_autoencoder.py), unlike diffusers' tiled VAE,
-whose per-tile GroupNorm statistics and attention change the result (bench/RESULTS.md). A layer whose input fits
-in one tile runs untiled.
-
-The trade-off: between layers the whole image is held (a layer's input and output, where the untiled forward
-holds three tensors at its worst point), so memory does not shrink much below half the untiled with smaller
-tiles; in exchange each conv runs once, except conv1 of a tiled ResnetBlock (twice): at FLUX widths about
-+13% (2048x2048, tile=1024) or +26% (tile=512) of the untiled FLOPs, counted from the conv shapes. (Caching
-conv1's output would save that for a third whole-image tensor. The earlier scheme, which kept only each
-level's input and output and re-ran the level's crops once per GroupNorm, needed ~0.36x the untiled memory at
-tile=1024 by its shape count, but 6x the time: bench/RESULTS.md.)
-
-Peak activation memory of the full-resolution part (Decoder.tail / Encoder.features) at 2048x2048, batch 1:
-live tensors counted on the meta device by a dispatch mode like bench/step_cpu.py's, weights and the
-latent-resolution input not included (the mid block, the same in all columns, is not counted):
-                      untiled   tile=1024   tile=512
-    decode fp32      12.0 GiB     8.0 GiB    6.5 GiB      (untiled worst point: the first level-0 ResnetBlock,
-    decode bf16       6.0 GiB     4.0 GiB    3.3 GiB       its input, GroupNorm and SiLU at 256x2048x2048;
-    encode fp32       8.0 GiB     6.0 GiB    4.5 GiB       tiled: that block's input and output, 256 + 128
-    encode bf16       4.0 GiB     3.0 GiB    2.3 GiB       channels, plus one tile's working set)
-With a non-fused ("math") attention fallback, untiled or tiled, the mid block at 2048x2048 would add a
-65536x65536 score matrix (16 GiB fp32) on top.
+Tiling (`tile=` pixels, for large images; inference only): exact, see tiling.py. Memory and FLOPs of tiling (measured and counted), and the earlier scheme it replaced: docs/methods.md.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import partial
-from itertools import pairwise
+
+
 from pathlib import Path
 
 import torch
@@ -60,6 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .tiling import group_norm, identity, map_tiles, tiled_resnet
 from .loading import (CheckpointError, Converted, LazyStateDict, check_config, default_device_dtype, load_streaming,
                       open_checkpoint, read_json)
 
@@ -199,7 +170,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
 
     def features(self, x: Tensor, tile: int | None = None) -> Tensor:  # (B, 3, H, W) -> (B, C_last, H/f, W/f)
-        """The full-resolution part; `tile`: each layer on tiles of tile x tile samples (see `_map`)."""
+        """The full-resolution part; `tile`: each layer on tiles of tile x tile samples (tiling.map_tiles)."""
         if tile is None:
             x = self.conv_in(x)
             for level in self.down:
@@ -208,12 +179,12 @@ class Encoder(nn.Module):
                 if hasattr(level, "downsample"):
                     x = level.downsample(x)
             return x
-        x = _map(self.conv_in, x, tile, 1)
+        x = map_tiles(self.conv_in, x, tile, 1)
         for level in self.down:
             for b in level.block:
-                x = _tiled_resnet(b, x, tile)
+                x = tiled_resnet(b, x, tile)
             if hasattr(level, "downsample"):  # stride 2: tile and halo are even, so crops start on even samples
-                x = _map(level.downsample, x, tile, 2, scale=0.5)
+                x = map_tiles(level.downsample, x, tile, 2, scale=0.5)
         return x
 
     def head(self, h: Tensor) -> Tensor:  # (B, C_last, h, w) -> (B, 2*z, h, w): global (attention) part
@@ -240,7 +211,7 @@ class Decoder(nn.Module):
         return self.mid(self.conv_in(z))
 
     def tail(self, h: Tensor, tile: int | None = None) -> Tensor:  # (B, C_last, h, w) -> (B, 3, h*f, w*f)
-        """The full-resolution part; `tile`: each layer on tiles of tile x tile samples (see `_map`)."""
+        """The full-resolution part; `tile`: each layer on tiles of tile x tile samples (tiling.map_tiles)."""
         if tile is None:
             for i in reversed(range(len(self.up))):
                 if i < len(self.up) - 1:
@@ -250,13 +221,13 @@ class Decoder(nn.Module):
             return self.conv_out(F.silu(self.norm_out(h)))
         for i in reversed(range(len(self.up))):
             if i < len(self.up) - 1:  # nearest 2x + 3x3 conv: a halo of 1 input sample; tile x tile outputs
-                h = _map(self.up[i + 1].upsample, h, tile // 2, 1, scale=2.0)
+                h = map_tiles(self.up[i + 1].upsample, h, tile // 2, 1, scale=2.0)
             for b in self.up[i].block:
-                h = _tiled_resnet(b, h, tile)
+                h = tiled_resnet(b, h, tile)
         if max(h.shape[-2:]) <= tile:
             return self.conv_out(F.silu(self.norm_out(h)))
-        m = _map(_identity, h, tile, 0, moments=self.norm_out.num_groups)
-        return _map(lambda t: self.conv_out(F.silu(_group_norm(self.norm_out, m, t), inplace=True)), h, tile, 1)
+        m = map_tiles(identity, h, tile, 0, moments=self.norm_out.num_groups)
+        return map_tiles(lambda t: self.conv_out(F.silu(group_norm(self.norm_out, m, t), inplace=True)), h, tile, 1)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.tail(self.body(z))
@@ -333,76 +304,6 @@ class AutoEncoder(nn.Module):
         return self.decode(self.encode(image))
 
 
-# ------------------------------------------------------------------------------------------------- tiling
-def _spans(n: int, tile: int) -> list[tuple[int, int]]:
-    """[0, n) cut into cores of `tile` samples, the last one partial."""
-    return list(pairwise([*range(0, n, tile), n]))
-
-
-def _map(fn, x: Tensor, tile: int, halo: int, scale: float = 1.0, moments: int = 0):
-    """fn(x) for a spatially local fn (reach <= `halo` input samples, output `scale` x its input), run on crops
-    of x (B, C, H, W): cores of tile x tile (the last ones partial) that tile the image, each widened by `halo`
-    on every side (clipped at the image, where fn's own zero padding is the true one) and cut back to its core
-    after fn, so the result equals fn(x) up to float rounding. moments=G: return instead the GroupNorm(G)
-    moments of fn(x) (see `_moments`), summed over the cores, without keeping fn(x)."""
-    B, _, H, W = x.shape
-    out, acc = None, 0
-    for r0, r1 in _spans(H, tile):
-        for c0, c1 in _spans(W, tile):
-            a, c = max(r0 - halo, 0), max(c0 - halo, 0)
-            y = fn(x[:, :, a:r1 + halo, c:c1 + halo])
-            top, left = round((r0 - a) * scale), round((c0 - c) * scale)  # the core, within the crop
-            y = y[:, :, top:top + round((r1 - r0) * scale), left:left + round((c1 - c0) * scale)]
-            if moments:
-                acc = acc + _moments(y, moments)
-                continue
-            if out is None:
-                out = y.new_empty(B, y.shape[1], round(H * scale), round(W * scale))
-            out[:, :, round(r0 * scale):round(r1 * scale), round(c0 * scale):round(c1 * scale)] = y
-    return acc if moments else out
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
-def _moments(x: Tensor, G: int) -> Tensor:
-    """(B, C, h, w) -> (3, B, G) fp64: per group the sum, the sum of squares and the count of x's samples."""
-    B, n = x.shape[0], x[0].numel() // G
-    s1 = x.sum((2, 3), dtype=torch.float32).double().view(B, G, -1).sum(-1)  # per channel in fp32, then fp64
-    s2 = (torch.linalg.vector_norm(x, dim=(2, 3), dtype=torch.float32).double() ** 2).view(B, G, -1).sum(-1)
-    return torch.stack([s1, s2, torch.full_like(s1, n)])
-
-
-def _group_norm(mod: nn.GroupNorm, m: Tensor, h: Tensor) -> Tensor:
-    """mod(h) with the statistics of moments `m` (the whole image's) instead of h's own."""
-    (B, C), G = h.shape[:2], mod.num_groups
-    mean = m[0] / m[2]
-    var = (m[1] / m[2] - mean * mean).clamp_min(0).float()
-    a = torch.rsqrt(var + mod.eps).repeat_interleave(C // G, dim=1) * mod.weight.float()  # (B, C)
-    b = mod.bias.float() - mean.float().repeat_interleave(C // G, dim=1) * a
-    return torch.addcmul(b[..., None, None].to(h.dtype), h, a[..., None, None].to(h.dtype))
-
-
-def _resnet(blk: ResnetBlock, m1: Tensor, m2: Tensor | None, x: Tensor) -> Tensor:
-    """blk(x) with GroupNorm moments m1, m2 (whole image); m2=None: stop after conv1 (to gather norm2's)."""
-    h = blk.conv1(F.silu(_group_norm(blk.norm1, m1, x), inplace=True))
-    if m2 is None:
-        return h
-    h = blk.conv2(F.silu(_group_norm(blk.norm2, m2, h), inplace=True))
-    return (x if blk.nin_shortcut is None else blk.nin_shortcut(x)) + h
-
-
-def _tiled_resnet(blk: ResnetBlock, x: Tensor, tile: int) -> Tensor:
-    """blk(x), tiled: norm1's moments from x itself, norm2's from a pass of conv1 over the tiles, then the output
-    pass (conv1 again, conv2). Reach: two 3x3 convs, so a halo of 2."""
-    if max(x.shape[-2:]) <= tile:
-        return blk(x)
-    m1 = _map(_identity, x, tile, 0, moments=blk.norm1.num_groups)  # tile by tile: no full-size temporaries
-    m2 = _map(partial(_resnet, blk, m1, None), x, tile, 2, moments=blk.norm2.num_groups)
-    return _map(partial(_resnet, blk, m1, m2), x, tile, 2)
-
-
 # ------------------------------------------------------------------------------------------------ loading
 def _from_diffusers_name(key: str, levels: int) -> str:
     """A diffusers AutoencoderKL key -> its ae.safetensors name (keys it does not know pass through)."""
@@ -433,7 +334,7 @@ def _diffusers_view(sd: LazyStateDict) -> Converted:
     return Converted(sd, plan)
 
 
-def _open(path: Path) -> tuple:
+def _read_weights(path: Path) -> tuple:
     """-> (BFL-named state dict, scale_factor, shift_factor, description)."""
     flux = AutoEncoderConfig.flux()
     if path.is_dir():
@@ -474,7 +375,7 @@ def load_autoencoder(path: str | Path, device: torch.device | str | None = None,
     holding either. The architecture is read from the tensor shapes, so tiny test files load the same way.
     Defaults: CUDA if available, bf16 there, fp32 on the CPU (minidit.loading.default_device_dtype)."""
     device, dtype = default_device_dtype(device, dtype)
-    sd, scale, shift, what = _open(Path(path))
+    sd, scale, shift, what = _read_weights(Path(path))
     cfg = AutoEncoderConfig.from_checkpoint(sd, scale_factor=scale, shift_factor=shift)
     check_config(cfg, what)  # a NaN scaling_factor/shift_factor is an error here, not a black image later
     with torch.device("meta"):

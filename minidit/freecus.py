@@ -41,14 +41,11 @@ flux_utils.py, qwen_for_subject.py, seg_birefnet.py):
   σ'_i = e^{-μ} / (e^{-μ} + (1/s_i - 1)), s_i = 1 - i/n. The other `--mu_shift_type`s (flux_utils.py):
   "half_negative" (-μ/2), "twice_negative" (-2μ), "normal" (+μ: the ordinary dynamic shift, no reversal) and
   "linear" (no shift: σ'_i = floor(1000·s_i)/1000, looked up in a 1000-step linear table); minidit adds
-  "target" (the target's own σ, whatever its schedule: the old `ans=False`). One discrepancy: in the released
-  `flux_utils.pil_to_latents_flux`, `height`/`width` are overwritten with the *latent* size before
-  `image_seq_len` is computed from them, so it is (2·(H//16)//16)·(2·(W//16)//16) = 16 at 512² (not 1024):
-  μ = calculate_shift(16) ≈ 0.4594 at 512², 0.4568 at 128² (1 token), 0.4675 at 1024² (64) — nearly constant,
-  but not exactly (`released_ans_seq_len`). minidit's "paper" preset uses μ of the real image token count
-  (`mu_from="tokens"`, 0.63 at 512²), "official" the released one (`mu_from="latent"`); `ans_mu` overrides
-  μ directly. The reference is still *run at the target's
-  timestep t_i*: the noised latents are swapped into a normal pipeline call (callback_on_step_end), whose time
+  "target" (the target's own σ, whatever its schedule: no ANS). One discrepancy: the released
+  `flux_utils.pil_to_latents_flux` computes `image_seq_len` from the *latent* size (`released_ans_seq_len`: 16
+  at 512², not 1024; the resulting μ: docs/methods.md). minidit's "paper" preset uses μ of the real image token
+  count (`mu_from="tokens"`), "official" the released one (`mu_from="latent"`); `ans_mu` overrides μ directly.
+  The reference is still *run at the target's timestep t_i*: the noised latents are swapped into a normal pipeline call (callback_on_step_end), whose time
   embedding follows the normal schedule. `ref_time="sigma"` tells the model σ'_i instead.
   ε: `randn` from `Generator("cpu").manual_seed(seed)` with the same seed as the target, i.e. the target's own
   initial noise; here ε = `sampling.noise(1, H, W, seed)` (same seed default).
@@ -87,19 +84,18 @@ import torch
 from torch import Tensor
 
 from . import sampling, validate
-from .masks import Reference, load_reference, require_nonempty, token_indices, token_mask, token_mask_rule
-from .personalize import encode_reference
-from .presets import PRESET, Settings, check_choice
+# λ_r = 1.1: reference keys (Handler.register(scale=1.1) in the "save" pass); λ_p = 1.1: the target's text keys on
+# vital layers (infer.py --extend_scale 1.1); the reference's noise schedules (their --mu_shift_type)
+from .defaults import LAMBDA_PROMPT, LAMBDA_REF, MU_SHIFT_TYPES
+from .masks import Reference, load_reference, require_nonempty, token_indices, token_mask_rule
+from .presets import Settings, check_choice, document_settings
 from .refstate import RefState
 
 FLUX1_VITAL_LAYERS = (0, 1, 2, 17, 18, 25, 28, 53, 54, 56)  # for 19 double + 38 single blocks
 FLUX1_DEPTHS = (19, 38)
-LAMBDA_REF = 1.1       # λ_r: reference keys (Handler.register(scale=1.1) in the "save" pass)
-LAMBDA_PROMPT = 1.1    # λ_p: the target's text keys on vital layers (infer.py --extend_scale 1.1)
 DEFAULT_STEPS = {"dev": 30, "schnell": 4}  # the authors use 30 with FLUX.1-dev
 GUIDANCE = 3.5
 REF_TIMES = ("target", "sigma")
-MU_SHIFT_TYPES = ("negative", "half_negative", "twice_negative", "normal", "linear", "target")
 MU_FROM = ("tokens", "latent")
 FC_MASK_RULES = ("area", "bilinear")
 MASK_MODES = ("exclude", "zero")
@@ -114,6 +110,14 @@ FILTER_TEMPLATE = ("Please extract only the physical characteristics and feature
 
 
 # ------------------------------------------------------------------------------------------ pure functions
+
+def default_steps(pipe) -> int:
+    """The model's steps if its minidit.json states them, else 30 (the authors' with FLUX.1-dev) unless the
+    pipeline's own default is schnell's 4."""
+    if pipe.defaults.steps is not None:
+        return pipe.defaults.steps
+    return DEFAULT_STEPS["schnell" if pipe.default_steps == DEFAULT_STEPS["schnell"] else "dev"]
+
 
 def with_caption(prompt: str, caption: str | None) -> str:
     """The authors' template: `prompt + ". " + caption` (no caption: the prompt unchanged)."""
@@ -218,74 +222,55 @@ def freecus_refstate(subject: Tensor, vital_layers: list[int], lambda_ref: float
                     last_layer=max(vital_layers) if vital_layers else None)
 
 
-# ------------------------------------------------------------------------------------------ the sampling loop
+# ------------------------------------------------------------------------------------------ the branch
 
-@torch.no_grad()
-def denoise_freecus(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor,
-                    timesteps: Tensor, ref_latent: Tensor, ref_noise: Tensor, ref_sigmas: Tensor, subject: Tensor,
-                    ref_txt: Tensor | None = None, ref_vec: Tensor | None = None,
-                    vital_layers: Iterable[int] | None = None, lambda_ref: float = LAMBDA_REF,
-                    lambda_prompt: float = LAMBDA_PROMPT, mask_mode: str = "exclude", ref_time: str = "target",
-                    guidance: float | None = GUIDANCE, progress: bool = False) -> Tensor:
-    """Euler sampling of the targets with FreeCus attention sharing.
+class NoisedReference:
+    """FreeCus' reference branch of `sampling.denoise`: at step i the clean reference latent x_ref (1, N, 64) is
+    noised to σ'_i (`ref_sigmas`, (steps,)) with its fixed ε `ref_noise` and run as batch item 0 in front of the
+    targets, told the time t_i (ref_time="target", the authors' code) or σ'_i ("sigma"); its subject tokens
+    `subject` (K,) share their keys/values on the vital layers (`freecus_refstate`), after the last of which the
+    reference leaves the batch. It has no trajectory of its own: its output is never used. ids (1, N, 3), txt
+    (1, L, C), txt_ids (1, L, 3), vec (1, V): the reference's positions and prompt."""
 
-    img (B, N, 64) target noise, img_ids (B, N, 3), txt (B, L, C), txt_ids (B, L, 3), vec (B, V): the targets;
-    timesteps (steps + 1,); ref_latent, ref_noise (1, N, 64): the clean reference latent x_ref and its ε (same
-    grid as the targets); ref_sigmas (steps,): σ'_i; subject (K,) long: the reference's subject token indices;
-    ref_txt (1, L, C) / ref_vec (1, V): the reference prompt (default: the first target's).
-    vital_layers: None = `default_vital_layers` of the model; [] = plain sampling (the reference is not run).
-    ref_time: the time the model is told for the reference, "target" (t_i, the authors' code) or "sigma" (σ'_i).
-    Returns the targets' clean packed latents (B, N, 64)."""
-    cfg = model.cfg
-    if vital_layers is None:
-        vital_layers = default_vital_layers(cfg.depth, cfg.depth_single_blocks)
-    vital = check_vital_layers(vital_layers, cfg.n_layers)
-    if ref_time not in REF_TIMES:
-        raise ValueError(f"ref_time must be one of {REF_TIMES}, got {ref_time!r}")
-    steps, B, N = len(timesteps) - 1, img.shape[0], img.shape[1]
-    if ref_sigmas.shape != (steps,):
-        raise ValueError(f"need one reference noise level per step: {steps} steps, got {tuple(ref_sigmas.shape)}")
-    if ref_latent.shape != (1, *img.shape[1:]) or ref_noise.shape != ref_latent.shape:
-        raise ValueError(f"the reference latent and its noise must be (1, {N}, {img.shape[2]}) like one target, "
-                         f"got {tuple(ref_latent.shape)} and {tuple(ref_noise.shape)} (the reference must have "
-                         "the target's size)")
-    subject = subject.flatten().long()
-    if subject.numel() == 0:
-        raise ValueError("the subject mask is empty: no reference token to share")
-    if int(subject.min()) < 0 or int(subject.max()) >= N:
-        raise ValueError(f"subject token indices must lie in 0..{N - 1}")
+    def __init__(self, model, x_ref: Tensor, ref_noise: Tensor, ref_sigmas: Tensor, subject: Tensor, ids: Tensor,
+                 txt: Tensor, txt_ids: Tensor, vec: Tensor, vital_layers: Iterable[int] | None = None,
+                 lambda_ref: float = LAMBDA_REF, lambda_prompt: float = LAMBDA_PROMPT, mask_mode: str = "exclude",
+                 ref_time: str = "target"):
+        cfg = model.cfg
+        if vital_layers is None:
+            vital_layers = default_vital_layers(cfg.depth, cfg.depth_single_blocks)
+        vital = check_vital_layers(vital_layers, cfg.n_layers)
+        check_choice("ref_time", ref_time, REF_TIMES)
+        N = x_ref.shape[1]
+        if ref_noise.shape != x_ref.shape or x_ref.shape[0] != 1:
+            raise ValueError(f"the reference latent and its noise must be (1, N, 64) like one target, got "
+                             f"{tuple(x_ref.shape)} and {tuple(ref_noise.shape)} (the reference must have the "
+                             "target's size)")
+        subject = subject.flatten().long()
+        if subject.numel() == 0:
+            raise ValueError("the subject mask is empty: no reference token to share")
+        if int(subject.min()) < 0 or int(subject.max()) >= N:
+            raise ValueError(f"subject token indices must lie in 0..{N - 1}")
+        self.x_ref, self.ref_noise, self.ref_sigmas, self.ref_time = x_ref, ref_noise, ref_sigmas, ref_time
+        self.ids, self.txt, self.txt_ids, self.vec = ids, txt, txt_ids, vec
+        self.state = freecus_refstate(subject.to(x_ref.device), vital, lambda_ref, lambda_prompt, mask_mode)
+        self.active = bool(vital)  # (check_vital_layers refuses an empty list; a test may patch it to allow one)
 
-    if not vital:  # nothing shared: plain sampling, the reference is not run
-        return sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, progress)
-    state = freecus_refstate(subject, vital, lambda_ref, lambda_prompt, mask_mode)
-    ref_txt = txt[:1] if ref_txt is None else ref_txt
-    ref_vec = vec[:1] if ref_vec is None else ref_vec
-    if ref_txt.shape[1:] != txt.shape[1:]:
-        raise ValueError(f"reference and target text must have the same length, got {tuple(ref_txt.shape)} "
-                         f"and {tuple(txt.shape)}")
-    # the batch [reference; targets], built once; only the reference latent changes per step
-    all_ids, all_txt = torch.cat([img_ids[:1], img_ids]), torch.cat([ref_txt, txt])
-    all_txt_ids, all_vec = torch.cat([txt_ids[:1], txt_ids]), torch.cat([ref_vec, vec])
-    g = sampling.guidance_vector(model, B + 1, guidance, img.device, img.dtype)
-    bar = sampling.Progress(steps, progress, desc="freecus")
-    for i, (t, t_next) in enumerate(zip(timesteps[:-1].tolist(), timesteps[1:].tolist())):
-        sigma = float(ref_sigmas[i])
-        z = noised_reference(ref_latent, ref_noise, sigma).to(img.dtype)      # (1, N, 64) at noise level σ'_i
-        ts = torch.full((B + 1,), t, device=img.device, dtype=img.dtype)
-        if ref_time == "sigma":
-            ts[0] = sigma
-        pred = model(torch.cat([z, img]), all_ids, all_txt, all_txt_ids, ts, all_vec, g, ref=state)
-        # pred (B, N, 64): the targets only, the reference left the batch after the last vital layer
-        img = (img.float() + (t_next - t) * pred.float()).to(img.dtype)
-        bar.update()
-    return img
+    def before(self, i: int, t: float, img: Tensor) -> tuple[Tensor, sampling.BranchInputs | None]:
+        if not self.active:  # nothing shared: plain sampling, the reference is not run
+            return img, None
+        if i >= len(self.ref_sigmas):
+            raise ValueError(f"need one reference noise level per step: got {len(self.ref_sigmas)}")
+        if img.shape[1:] != self.x_ref.shape[1:]:
+            raise ValueError(f"the reference latent must be (1, {img.shape[1]}, {img.shape[2]}) like one target, got "
+                             f"{tuple(self.x_ref.shape)} (the reference must have the target's size)")
+        sigma = float(self.ref_sigmas[i])
+        z = noised_reference(self.x_ref, self.ref_noise, sigma).to(img.dtype)      # (1, N, 64) at noise level σ'_i
+        tt = torch.full((1,), sigma if self.ref_time == "sigma" else t, device=img.device, dtype=img.dtype)
+        return img, sampling.BranchInputs(z, self.ids, self.txt, self.txt_ids, self.vec, tt, self.state)
 
-
-# ------------------------------------------------------------------------------------------ the pipeline entry
-
-def subject_tokens(mask: Tensor) -> Tensor:
-    """Pixel mask (H, W) -> the subject's token indices (K,) on the packed grid; error if no token is subject."""
-    return token_indices(require_nonempty(token_mask(mask), "the reference's subject mask"))
+    def after(self, i: int, t: float, t_next: float, v: Tensor, img: Tensor) -> Tensor:
+        return img  # the reference is re-noised from x_ref at every step: nothing to carry
 
 
 @dataclass(frozen=True)
@@ -340,46 +325,35 @@ class FreeCusSettings(Settings):
         return sampling.calculate_mu(seq)
 
 
+@document_settings(FreeCusSettings)
 @torch.no_grad()
 def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | None = None, *,
-            seed: int | list[int] = 0, steps: int | None = None, guidance: float = GUIDANCE,
+            seed: int | list[int] = 0, steps: int | None = None, guidance: float | None = None,
             height: int | None = None, width: int | None = None, num_images: int = 1, ref_seed: int | None = None,
-            preset: str | FreeCusSettings = "paper", lambda_ref: float = PRESET, lambda_prompt: float = PRESET,
-            vital_layers: Iterable[int] | None = PRESET, mu_shift_type: str = PRESET, mu_from: str = PRESET,
-            ans_mu: float | None = PRESET, ref_time: str = PRESET, mask_mode: str = PRESET,
-            mask_rule: str = PRESET, vae_sample: bool = PRESET, vae_seed: int | None = PRESET,
-            ans: bool | None = None, progress: bool = False, return_latents: bool = False):
+            preset: str | FreeCusSettings = "paper", progress: bool = False, return_latents: bool = False,
+            **settings):
     """FreeCus: `num_images` images per prompt of the subject of `reference` (Reference(image, mask, prompt)).
 
     caption: a short description of the subject, appended to every prompt as `prompt + ". " + caption` (make it
     with any captioner: see DESCRIBE_TEMPLATE and FILTER_TEMPLATE). reference.prompt: the reference's prompt
-    (default: the first full target prompt, as the authors). height/width: default the reference's size.
+    (default: the first full target prompt, as the authors). height/width/guidance: None = the model's
+    (`pipe.defaults`; the reference is resized to the size); steps: None = `default_steps(pipe)`.
     ref_seed: the seed of the reference's ε (default: `seed`, so ε is the first target's initial noise).
-    preset: "paper" (default), "official" (the released code) or a FreeCusSettings; every keyword from
-    `lambda_ref` to `vae_seed` left at PRESET takes the preset's value, any other value overrides just that
-    field (FreeCusSettings.resolve gives the resolved settings): λ_r = lambda_ref on the reference keys, λ_p =
-    lambda_prompt on the target's text keys, both on vital layers only; vital_layers: attention-layer indices
-    (double blocks then single blocks), None = `default_vital_layers` of the loaded model; mu_shift_type: see
-    `reference_sigmas`; ans (legacy): False is mu_shift_type="target", True "negative"."""
-    if ans is not None:
-        if mu_shift_type is not PRESET and mu_shift_type != ("negative" if ans else "target"):
-            raise ValueError(f"ans={ans} contradicts mu_shift_type={mu_shift_type!r} (ans is its legacy alias)")
-        mu_shift_type = "negative" if ans else "target"
-    if vital_layers is not PRESET and vital_layers is not None:
-        vital_layers = tuple(vital_layers)
-    s = FreeCusSettings.resolve(preset, lambda_ref=lambda_ref, lambda_prompt=lambda_prompt,
-                                vital_layers=vital_layers, mu_shift_type=mu_shift_type, mu_from=mu_from,
-                                ans_mu=ans_mu, ref_time=ref_time, mask_mode=mask_mode, mask_rule=mask_rule,
-                                vae_sample=vae_sample, vae_seed=vae_seed)
+    preset: "paper" (default), "official" (the released code) or a FreeCusSettings; any field below given as a
+    keyword overrides just that field (`FreeCusSettings.resolve(preset, **settings)`): λ_r = lambda_ref on the
+    reference keys, λ_p = lambda_prompt on the target's text keys, both on vital layers only; vital_layers:
+    attention-layer indices (double blocks then single blocks), None = `default_vital_layers` of the loaded
+    model; mu_shift_type: see `reference_sigmas` ("target": no ANS)."""
+    s = FreeCusSettings.resolve(preset, **settings)
     if isinstance(reference, (list, tuple)):
         if len(reference) != 1:
             raise ValueError(f"FreeCus takes one reference, got {len(reference)}")
         reference = reference[0]
+    height, width, guidance = pipe.with_defaults(height, width, guidance)[:3]
     validate.generate_args(height, width, steps, guidance, seed, num_images)
     if ref_seed is not None:
         validate.seed(ref_seed)
-    model = pipe.transformer
-    cfg = model.cfg
+    cfg = pipe.transformer.cfg
     vital = check_vital_layers(default_vital_layers(cfg.depth, cfg.depth_single_blocks) if s.vital_layers is None
                                else s.vital_layers, cfg.n_layers)
     image, mask = load_reference(reference, height, width, "reference")
@@ -387,27 +361,26 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
     subject = token_indices(require_nonempty(token_mask_rule(mask, s.mask_rule), "the reference's subject mask"))
     h, w = sampling.latent_size(height, width)
     seq_len = (h // 2) * (w // 2)
-    if steps is None:  # 30 (the authors' with FLUX.1-dev) unless the pipeline's own default is schnell's 4
-        steps = DEFAULT_STEPS["schnell" if pipe.default_steps == DEFAULT_STEPS["schnell"] else "dev"]
+    steps = default_steps(pipe) if steps is None else steps
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [with_caption(p, caption) for p in prompts for _ in range(num_images)]
     ref_prompt = prompts[0] if reference.prompt is None else reference.prompt
     B = len(prompts)
-    # one text-encoder call for the reference and the targets (no reference prompt when nothing is shared)
-    txt, txt_ids, vec = pipe.encode_prompt(([ref_prompt] if vital else []) + prompts)
-    ref_txt, ref_vec = (txt[:1], vec[:1]) if vital else (None, None)
-    txt, txt_ids, vec = txt[-B:], txt_ids[-B:], vec[-B:]
+    # one text-encoder call for the reference and the targets
+    txt, txt_ids, vec = pipe.encode_prompt([ref_prompt] + prompts)
 
     first_seed = seed if isinstance(seed, int) else seed[0]
-    x_ref = encode_reference(pipe, image[None], s.vae_sample, first_seed if s.vae_seed is None else s.vae_seed)
+    x_ref = pipe.encode_reference(image[None], s.vae_sample, first_seed if s.vae_seed is None else s.vae_seed)
     eps = sampling.noise(1, height, width, ref_seed if ref_seed is not None else first_seed, pipe.device, pipe.dtype)
     img = sampling.noise(B, height, width, seed, pipe.device, pipe.dtype)
     timesteps = pipe.schedule(steps, height, width)
     sigmas = reference_sigmas(steps, seq_len, mu=s.mu(height, width), shift_type=s.mu_shift_type,
                               timesteps=timesteps)
-    with pipe._use(model):
-        img = denoise_freecus(model, img, sampling.image_ids(B, height, width, pipe.device), txt, txt_ids, vec,
-                              timesteps, x_ref, eps, sigmas, subject.to(pipe.device), ref_txt, ref_vec,
-                              vital, s.lambda_ref, s.lambda_prompt, s.mask_mode, s.ref_time, guidance, progress)
+    with pipe.use(pipe.transformer) as model:
+        branch = NoisedReference(model, x_ref, eps, sigmas, subject, sampling.image_ids(1, height, width, pipe.device),
+                                 txt[:1], txt_ids[:1], vec[:1], vital, s.lambda_ref, s.lambda_prompt, s.mask_mode,
+                                 s.ref_time)
+        img = sampling.denoise(model, img, sampling.image_ids(B, height, width, pipe.device), txt[1:], txt_ids[1:],
+                               vec[1:], timesteps, guidance, progress, branch=branch, desc="freecus")
     return img if return_latents else pipe.decode(img, height, width)

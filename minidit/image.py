@@ -12,7 +12,9 @@ center-crops down to them.
 Reading is exact or refused: EXIF orientation is applied; 16-bit greyscale is scaled (v / 65535), not clipped; a
 mask whose grey is uniform but whose alpha varies is read from its alpha, and one where both vary is refused
 (which is the mask?); a missing, non-regular, non-image, truncated or oversized (decompression bomb, over
-Image.MAX_IMAGE_PIXELS) file is one ValueError naming it. `save_png` writes atomically: a temporary file in the
+Image.MAX_IMAGE_PIXELS, or a side over validate.MAX_SIDE, read from the header before decoding) file is one
+ValueError naming it. Every image minidit reads (img2img's input, references, masks, scenes) comes through
+`open_image`. `save_png` writes atomically: a temporary file in the
 target folder, renamed into place, so an interrupted write never leaves a truncated PNG nor destroys the old file.
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from .validate import MAX_SIDE
+
 MULTIPLE = 16
 WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16/32-bit integer greyscale: values 0..65535
 FITS = ("error", "resize", "crop")
@@ -40,9 +44,10 @@ def check_size(h: int, w: int, multiple: int = MULTIPLE) -> None:
                          f"multiples of {multiple}; resize/crop it (load_image(..., fit='resize' or 'crop'))")
 
 
-def _open(src: str | Path | Image.Image, what: str) -> Image.Image:
+def open_image(src: str | Path | Image.Image, what: str) -> Image.Image:
     """A PIL image, fully decoded and EXIF-transposed; every way a file can be bad is one named error."""
     if isinstance(src, Image.Image):
+        check_side(src, what)
         return src
     if not isinstance(src, (str, os.PathLike)):
         raise TypeError(f"{what} must be a path or a PIL image, got {type(src).__name__}")
@@ -59,6 +64,7 @@ def _open(src: str | Path | Image.Image, what: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                check_side(im, f"{what} {path}")  # from the header, before any pixel is decoded
                 im.load()
                 return ImageOps.exif_transpose(im)  # a new, loaded image either way
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -68,6 +74,13 @@ def _open(src: str | Path | Image.Image, what: str) -> Image.Image:
         raise ValueError(f"{what} {path}: not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise ValueError(f"{what} {path}: corrupt or truncated image ({e})") from None
+
+
+def check_side(im: Image.Image, what: str) -> None:
+    """An input image's own size against validate.MAX_SIDE pixels per side (read from its header)."""
+    if max(im.size) > MAX_SIDE:
+        raise ValueError(f"{what}: {im.width}x{im.height} pixels, more than {MAX_SIDE} per side; refused before "
+                         "decoding it (resize it first)")
 
 
 def _size(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -106,7 +119,7 @@ def load_image(src: str | Path | Image.Image, size: int | tuple[int, int] | None
                fit: str = "error") -> Image.Image:
     """An RGB PIL image from a path or PIL image, resized to `size` (height, width) if given and fitted to
     multiples of 16 per `fit` (see `fit_image`)."""
-    return fit_image(to_rgb(_open(src, "image")), size, fit)
+    return fit_image(to_rgb(open_image(src, "image")), size, fit)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -159,7 +172,7 @@ def load_mask(src: str | Path | Image.Image | Tensor, size: int | tuple[int, int
             if m.numel() and (m.min() < 0 or m.max() > 1):
                 raise ValueError(f"float mask values must lie in [0, 1]; got [{m.min().item():g}, {m.max().item():g}]")
     else:
-        m = _mask_values(_open(src, "mask"), src)
+        m = _mask_values(open_image(src, "mask"), src)
     if tuple(m.shape) != (h, w):
         raise ValueError(f"mask size {m.shape[0]}x{m.shape[1]} (HxW) differs from the image size {h}x{w}")
     return m.cpu()

@@ -21,23 +21,33 @@ mapping instead (weights stay views of the file's pages, which must then stay un
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import os
-import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import _getdtype  # safetensors' own dtype names, not a hand-kept table
+
+from . import files
+from .validate import device as checked_device
 
 # stored dtypes of quantized formats that are not weights on their own, refused by name (whatever safetensors'
 # table says): MX block scales (exponent only) and fp4 values packed two per byte
+# safetensors' dtype names (the header's "dtype") -> torch; what safetensors.torch reads, written out here
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2": torch.float8_e5m2,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+    "I8": torch.int8, "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "BOOL": torch.bool, "C64": torch.complex64}
 NOT_WEIGHTS = {"F8_E8M0": "MX block scales (exponent only)", "F4": "fp4 values packed two per byte"}
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-MAX_JSON_BYTES = 64 << 20  # configs, indexes and tokenizer.json are far smaller
+MAX_JSON_BYTES = files.LIMITS["json"]  # configs, indexes and tokenizer.json are far smaller
 
 
 class CheckpointError(ValueError):
@@ -46,29 +56,13 @@ class CheckpointError(ValueError):
 
 def check_regular(path: Path, what: str = "checkpoint") -> None:
     """Raise unless `path` is a regular file (symlinks followed), decided from stat: a FIFO is never opened."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} not found: {path}") from None
-    except OSError as e:
-        raise CheckpointError(f"{what} {path}: cannot read ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{what} {path}: not a regular file (a directory, FIFO or device is refused)")
+    files.regular(path, what, error=CheckpointError)
 
 
 def read_json(path: str | Path, what: str = "config") -> dict:
-    """A JSON object from a regular file of bounded size; every failure is a CheckpointError naming the file."""
-    path = Path(path)
-    check_regular(path, what)
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path}: {what} larger than {MAX_JSON_BYTES >> 20} MiB, refused")
-    try:
-        d = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
+    """A JSON object from a regular file of bounded size (files.read_json); every failure is a CheckpointError
+    naming the file."""
+    return files.read_json(path, what, MAX_JSON_BYTES, error=CheckpointError)
 
 
 def plain_name(name, where: Path) -> str:
@@ -110,6 +104,9 @@ class LazyStateDict(Mapping):
                 if k in self._where:
                     raise CheckpointError(f"tensor {k!r} appears in both {self.files[self._where[k]].name} and {f.name}")
                 self._where[k] = i
+
+    def __contains__(self, key) -> bool:  # from the header: Mapping's default would read the tensor
+        return key in self._where
 
     def __getitem__(self, key: str) -> torch.Tensor:
         try:
@@ -166,8 +163,8 @@ class LazyStateDict(Mapping):
             raise CheckpointError(f"{self.files[self._where[key]]}: tensor {key!r} has dtype {name}: "
                                   f"{NOT_WEIGHTS[name]} of a quantized format, not weights minidit can read")
         try:
-            return _getdtype(name)
-        except (KeyError, ValueError, AttributeError):
+            return SAFETENSORS_DTYPES[name]
+        except KeyError:
             raise CheckpointError(f"{self.files[self._where[key]]}: tensor {key!r} has dtype {name}, "
                                   "which torch cannot hold") from None
 
@@ -213,7 +210,7 @@ class Converted(Mapping):
             out = torch.empty(self.shape(key), dtype=self.dtype(key))
         row = 0
         for s in srcs:
-            part = out[row:row + _shape(self.src, s)[0]]
+            part = out[row:row + tensor_shape(self.src, s)[0]]
             if self.src.dtype(s) == out.dtype:
                 self.src.read(s, part)
             else:  # mixed stored dtypes: read, then cast into place
@@ -237,7 +234,7 @@ class Converted(Mapping):
 
     def shape(self, key):
         op, srcs = self.plan[key]
-        shapes = [_shape(self.src, s) for s in srcs]
+        shapes = [tensor_shape(self.src, s) for s in srcs]
         if op == "cat":
             return (sum(s[0] for s in shapes), *shapes[0][1:])
         if op == "conv1x1":
@@ -258,7 +255,7 @@ def _reads_files(sd: Mapping) -> bool:
     return isinstance(sd, LazyStateDict)
 
 
-def _shape(sd: Mapping, key: str) -> tuple[int, ...]:
+def tensor_shape(sd: Mapping, key: str) -> tuple[int, ...]:
     return tuple(sd.shape(key)) if hasattr(sd, "shape") else tuple(sd[key].shape)
 
 
@@ -333,8 +330,6 @@ def check_config(cfg, what: str, sd: Mapping | None = None, layers: Mapping[str,
     """Bounds on a config dataclass before any module is built: every int in [0, 2^24], every float finite
     (eps, scale_factor, ... > 0); each `layers` field {field: key prefix} equal to the number of blocks the
     checkpoint `sd` holds under that prefix, so `num_layers = 10**9` is a quick named error, never a hang."""
-    import dataclasses
-    import math
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         for x in (v if isinstance(v, tuple) else (v,)):
@@ -366,7 +361,7 @@ def load_streaming(
     (floating tensors of any stored dtype — fp32, bf16, fp16, fp8 — are cast to it; None keeps each stored dtype).
     """
     names = {(rename(k) if rename else k): k for k in sd}
-    shapes = {new: _shape(sd, old) for new, old in names.items()}
+    shapes = {new: tensor_shape(sd, old) for new, old in names.items()}
     state = model.state_dict()
     expected = {k: tuple(v.shape) for k, v in state.items()}
     check_keys(expected, shapes, what, also_missing=getattr(sd, "missing", ()))
@@ -398,6 +393,6 @@ def default_device_dtype(device: torch.device | str | None = None,
                          dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
     """The one default rule every loader shares: device CUDA if available, else the CPU; dtype bf16 on CUDA,
     fp32 elsewhere. Given values are kept."""
-    from .validate import device as checked  # "--device cuda" without CUDA: a named error before any loading
-    device = checked(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # "--device cuda" without CUDA: a named error before any loading
+    device = checked_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from .loading import CheckpointError, Converted, LazyStateDict
-from .transformer import Flux, FluxConfig, diffusers_to_bfl_plan, open_transformer
+from .transformer import Flux, FluxConfig, diffusers_to_bfl_plan
 
 ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_te1_", "lora_te2_")
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
@@ -412,30 +412,3 @@ class WithLoras(Converted):
     def shape(self, key):
         shape = super().shape(key)
         return (shape[0], self.cfg.in_channels) if key == "img_in.weight" else shape
-
-
-def set_loras(model: Flux, loras) -> Flux:
-    """Replace the LoRAs merged into `model` (loaded by load_transformer) by `loras` ([(path, scale), ...], may be
-    empty): every tensor the old or new LoRAs touch is re-read from the base checkpoint and merged again, so the
-    result is bit-equal to a fresh load with `loras`; nothing is kept for undo."""
-    if model.source is None:
-        raise ValueError("set_loras needs a model made by load_transformer (it re-reads the base checkpoint)")
-    sd, base_cfg, what = open_transformer(model.source)
-    new = read_loras(loras, base_cfg)
-    cfg = widened(base_cfg, new)
-    keys = touched(list(model.loras)) | touched(new)
-    params = dict(model.named_parameters())
-    ref = next(iter(params.values()))
-    device, dtype = ref.device, ref.dtype
-    view = WithLoras(sd, new, cfg, device)
-    with torch.no_grad():
-        for key in sorted(keys):
-            t = view.read(key).to(device=device, dtype=dtype)
-            if not bool(torch.isfinite(t.float()).all()):
-                raise CheckpointError(f"{what}: tensor {key!r} holds NaN or Inf after merging the LoRAs")
-            if params[key].shape == t.shape:
-                params[key].copy_(t)
-            else:  # img_in changes width: a control LoRA on, or off
-                model.img_in.weight = torch.nn.Parameter(t, requires_grad=params[key].requires_grad)
-    model.cfg, model.loras = cfg, tuple(new)
-    return model

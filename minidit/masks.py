@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .image import check_size, load_mask, open_image, pil_to_tensor
 from .validate import integer
 
 PATCH = 16  # pixels per token side
@@ -51,7 +52,7 @@ def token_mask(mask: Tensor, threshold: float = THRESHOLD) -> Tensor:
     return area >= threshold
 
 
-MASK_RULES = ("area", "center", "bilinear")
+TOKEN_RULES = ("area", "center", "bilinear")
 
 
 def token_mask_center(mask: Tensor) -> Tensor:
@@ -88,7 +89,7 @@ def token_mask_rule(mask: Tensor, rule: str = "area", threshold: float = THRESHO
         return token_mask_center(mask)
     if rule == "bilinear":
         return token_mask_bilinear(mask)
-    raise ValueError(f"mask rule must be one of {MASK_RULES}, got {rule!r}")
+    raise ValueError(f"mask rule must be one of {TOKEN_RULES}, got {rule!r}")
 
 
 def token_indices(tokens: Tensor) -> Tensor:
@@ -204,13 +205,11 @@ def image_tensor(image) -> Tensor:
         if not bool(torch.isfinite(image).all()):
             raise ValueError("image tensor holds NaN or Inf")
         return image.detach().float().cpu()
-    from .image import _open, pil_to_tensor
-    return pil_to_tensor(_open(image, "image").convert("RGB"))[0]
+    return pil_to_tensor(open_image(image, "image"))[0]  # to_rgb: 16-bit grey scaled, EXIF applied by open_image
 
 
 def resize_image(x: Tensor, H: int, W: int) -> Tensor:
     """(3, h, w) -> (3, H, W) (antialiased bilinear); H and W must be multiples of 16."""
-    from .image import check_size
     check_size(H, W)
     if tuple(x.shape[1:]) == (H, W):
         return x
@@ -226,7 +225,6 @@ def pixel_mask(mask, height: int, width: int, what: str = "mask") -> Tensor:
         if len(mask) != 4:
             raise ValueError(f"a box {what} must be (x, y, w, h) in pixels, got {mask}")
         return box_mask(tuple(mask), height, width)
-    from .image import load_mask
     try:
         return load_mask(mask, (height, width))
     except ValueError as e:

@@ -1,34 +1,42 @@
 """Text-to-image with FLUX.1: prompt -> (T5 states, CLIP vector) -> Euler flow matching -> autoencoder -> PIL.
 
     pipe = Pipeline.load()                                   # the built-in tiny model (trained on weights/world.py)
+    pipe.defaults                                            # its recommended size, steps, true CFG (minidit.json)
     pipe = Pipeline.load("black-forest-labs/FLUX.1-dev")     # from the local Hugging Face cache, offline
     pipe = Pipeline.load("/models/FLUX.1-schnell", offload=True)
-    images = pipe.generate("a photo of a cat", height=1024, width=1024, seed=0)
+    images = pipe.generate("a photo of a cat", seed=0)       # every value not given: the model's (pipe.defaults)
     images = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images   # diffusers-shaped
     images = pipe.img2img("photo.png", "the same photo as a watercolour", strength=0.6)
 
 The pieces are public so research code can reuse them: `encode_prompt`, `denoise`, `decode`, and the
 personalization methods (personalize.py, freecus.py) are built from exactly these.
+
+Defaults belong to the model: every entry point (generate, __call__, img2img, personalize, inpaint, outpaint,
+freecus) takes a size, steps, guidance, true CFG scale or negative prompt left as None from `pipe.defaults`,
+read from the model folder's `minidit.json` (defaults.py); without one, FLUX.1's as diffusers has them (1024 x
+1024, 28 steps for dev / 4 for schnell, guidance 3.5, no true CFG). The built-in model's file says 256 x 256,
+28 steps and true CFG 4 with the empty negative prompt (it has no guidance embedding), so
+`Pipeline.load().generate(prompt, seed=1)` draws what `minidit generate --prompt PROMPT --seed 1` draws.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 
-from . import sampling, validate
+from . import freecus as fc, inversion, personalize as pa, sampling, validate
 from .autoencoder import AutoEncoder, load_autoencoder
-from .image import load_image, pil_to_tensor, tensor_to_pil
-from .loading import CheckpointError, default_device_dtype
+from .defaults import ModelDefaults
+from .image import load_image, open_image, pil_to_tensor, tensor_to_pil, to_rgb
+from .loading import default_device_dtype
+from .repository import BUILTIN_NAME, WeightPaths, builtin_repo, read_schedule, resolve_weights
 from .text_encoder import TextEncoder, tokenizer_max_length
-from .transformer import Flux, find_transformer, load_transformer
-from . import freecus as _freecus, personalize as _personalize  # noqa: E402  (entry points)
+from .flux_loading import load_transformer
+from .transformer import Flux
 
 DEFAULT_STEPS = {"dev": 28, "schnell": 4}  # Pipeline.default_steps: 4 only for an unshifted schedule (schnell)
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
@@ -43,109 +51,24 @@ class FluxOutput:
     images: list | Tensor
 
 
-def read_schedule(root: str | Path, guidance_embed: bool) -> sampling.FlowSchedule:
-    """The time shift from `root/scheduler/scheduler_config.json` as diffusers reads it; without one, FLUX.1's
-    own rule: dynamic shifting for dev (guidance-distilled), none for schnell."""
-    file = Path(root) / "scheduler" / "scheduler_config.json"
-    if not file.is_file():
-        return sampling.FlowSchedule(dynamic=guidance_embed)
-    try:
-        return sampling.FlowSchedule.from_config(json.loads(file.read_text()), str(file))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(str(e)) from None
-
-
-# ------------------------------------------------------------------------------------------- finding weights
-
-def hf_cache_dirs() -> list[Path]:
-    """Where huggingface_hub keeps downloads (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub)."""
-    dirs = []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HF_HOME"):
-        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
-    dirs.append(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface" / "hub")
-    return dirs
-
-
-def resolve_weights(path: str | Path) -> Path:
-    """A local folder, a Hugging Face cache folder `models--org--name`, or a repo name `org/name` looked up
-    offline in the local cache (the snapshot `refs/main` points to, else the newest). Never downloads."""
-    p = Path(path).expanduser()
-    if p.exists():
-        return _snapshot(p) if p.name.startswith("models--") else p
-    if "/" in str(path) and not str(path).startswith(("/", ".")) and len(str(path).split("/")) == 2:
-        name = "models--" + str(path).replace("/", "--")
-        for d in hf_cache_dirs():
-            if (d / name).is_dir():
-                return _snapshot(d / name)
-        raise CheckpointError(f"{path!r} is not in the local Hugging Face cache (looked in "
-                              f"{', '.join(str(d) for d in hf_cache_dirs())}); minidit never downloads: "
-                              f"run `hf download {path}` or pass a folder")
-    raise CheckpointError(f"weights not found: {path}")
-
-
-def _snapshot(repo: Path) -> Path:
-    ref = repo / "refs" / "main"  # holds a commit hash: a plain name inside snapshots/, never a path
-    if ref.is_file() and ref.stat().st_size <= 256:
-        from .loading import plain_name
-        name = plain_name(ref.read_text(errors="replace").strip(), ref)
-        if (repo / "snapshots" / name).is_dir():
-            return repo / "snapshots" / name
-    snaps = sorted((repo / "snapshots").glob("*"), key=lambda s: s.stat().st_mtime) if (repo / "snapshots").is_dir() else []
-    if not snaps:
-        raise CheckpointError(f"{repo} has no snapshots")
-    return snaps[-1]
-
-
-@dataclass
-class WeightPaths:
-    """Where each component comes from; any field may be set explicitly."""
-    transformer: Path
-    ae: Path
-    text_encoder: Path       # CLIP
-    text_encoder_2: Path     # T5
-    tokenizer: Path          # CLIP vocab.json + merges.txt
-    tokenizer_2: Path        # T5 tokenizer.json or spiece.model
-
-    @staticmethod
-    def find(root: Path, **overrides) -> "WeightPaths":
-        root = Path(root)
-        found = dict(
-            transformer=find_transformer(root) or root / "transformer",
-            ae=root / "ae.safetensors" if (root / "ae.safetensors").exists() else root / "vae",
-            text_encoder=root / "text_encoder", text_encoder_2=root / "text_encoder_2",
-            tokenizer=root / "tokenizer", tokenizer_2=root / "tokenizer_2")
-        unknown = sorted(set(overrides) - set(found))
-        if unknown:
-            raise ValueError(f"unknown component(s) {unknown}; the components are {sorted(found)}")
-        for k, v in overrides.items():  # a relative override is looked up in the root first, then as given
-            if v is not None:
-                found[k] = root / v if not Path(v).is_absolute() and (root / v).exists() else Path(v)
-        missing = [f"{k} ({v})" for k, v in found.items() if not v.exists()]
-        if missing:
-            raise CheckpointError(f"weights incomplete in {root}: missing {', '.join(missing)}. Expected a FLUX.1 "
-                                  "repository: flux1-*.safetensors (or transformer/), ae.safetensors (or vae/), "
-                                  "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/")
-        return WeightPaths(**found)
-
-
 # ------------------------------------------------------------------------------------------------- pipeline
 
 class Pipeline:
     def __init__(self, transformer: Flux, ae: AutoEncoder, text: TextEncoder, device: torch.device,
                  dtype: torch.dtype, offload: bool = False, name: str = "flux",
-                 flow_schedule: sampling.FlowSchedule | None = None):
+                 flow_schedule: sampling.FlowSchedule | None = None, defaults: ModelDefaults | None = None):
         self.transformer, self.ae, self.text = transformer, ae, text
+        self.defaults = defaults or ModelDefaults()  # the model's recommended settings (its minidit.json)
         self.device, self.dtype, self.offload, self.name = device, dtype, offload, name
         self.variant = "dev" if transformer.cfg.guidance_embed else "schnell"  # dev iff guidance-distilled
         self.flow_schedule = flow_schedule or sampling.FlowSchedule(dynamic=transformer.cfg.guidance_embed)
 
     @property
     def default_steps(self) -> int:
-        """4 for a schnell (no guidance embedding) with an unshifted schedule, else 28."""
+        """The model's (`defaults.steps`, its minidit.json) if it states them, else 4 for a schnell (no guidance
+        embedding) with an unshifted schedule and 28 otherwise."""
+        if self.defaults.steps is not None:
+            return self.defaults.steps
         return DEFAULT_STEPS["schnell" if self.variant == "schnell" and not self.flow_schedule.shifting else "dev"]
 
     @classmethod
@@ -158,8 +81,7 @@ class Pipeline:
         on the CPU and moves one at a time to the GPU while it runs."""
         device, dtype = default_device_dtype(device, dtype)
         if path is None:
-            from .weights.tiny import TRAINED_NAME, builtin_repo
-            root, name = builtin_repo(), TRAINED_NAME
+            root, name = builtin_repo(), BUILTIN_NAME
         else:
             root, name = resolve_weights(path), str(path)
         paths = WeightPaths.find(root, **files)
@@ -174,10 +96,10 @@ class Pipeline:
                                 clip_tokenizer=paths.tokenizer, t5_tokenizer=paths.tokenizer_2)
         ae = load_autoencoder(paths.ae, home, dtype)
         return cls(transformer, ae, text, device, dtype, offload, name,
-                   read_schedule(root, transformer.cfg.guidance_embed))
+                   read_schedule(root, transformer.cfg.guidance_embed), ModelDefaults.read(root))
 
     @contextlib.contextmanager
-    def _use(self, module):
+    def use(self, module):
         """With offload: move one component to the GPU for the duration of the block, then back to the CPU."""
         if not self.offload:
             yield module
@@ -201,7 +123,7 @@ class Pipeline:
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """-> txt (B, L, 4096), txt_ids (B, L, 3), vec (B, 768) on the pipeline device and dtype."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        with self._use(self.text):
+        with self.use(self.text):
             txt, vec = self.text.encode(prompts)
         txt, vec = txt.to(self.device, self.dtype), vec.to(self.device, self.dtype)
         return txt, sampling.text_ids(txt.shape[0], txt.shape[1], self.device), vec
@@ -226,7 +148,7 @@ class Pipeline:
     def denoise(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor, timesteps: Tensor,
                 guidance: float | None = 3.5, progress: bool = False, negative: tuple | None = None,
                 true_cfg_scale: float = 1.0) -> Tensor:
-        with self._use(self.transformer) as model:
+        with self.use(self.transformer) as model:
             return sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, progress,
                                     negative, true_cfg_scale)
 
@@ -234,7 +156,7 @@ class Pipeline:
     def decode_pixels(self, img: Tensor, height: int, width: int, tile: int | None = None) -> Tensor:
         """Packed latent tokens (B, N, 64) -> images (B, 3, H, W), nominally in [-1, 1], not clamped."""
         validate.finite_tensor("latents", img)  # NaN/Inf is an error, never a black picture
-        with self._use(self.ae) as ae:
+        with self.use(self.ae) as ae:
             return ae.decode(sampling.unpack(img.to(self.device, self.dtype), height, width), tile=tile)
 
     def decode(self, img: Tensor, height: int, width: int, tile: int | None = None) -> list:
@@ -244,25 +166,52 @@ class Pipeline:
     @torch.no_grad()
     def encode_image(self, image: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] -> packed normalised latent tokens (B, N, 64) (deterministic: the mean)."""
-        with self._use(self.ae) as ae:
+        with self.use(self.ae) as ae:
             return sampling.pack(ae.encode(image.to(self.device, self.dtype)))
 
+    @torch.no_grad()
+    def encode_reference(self, images: Tensor, sample: bool = False, seed: int = 0) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> packed latents (B, N, 64) of reference images: the VAE posterior mean, or with
+        `sample` one posterior sample per image drawn in order from `torch.Generator("cpu").manual_seed(seed)`
+        (both methods' released code samples it)."""
+        if not sample:
+            return self.encode_image(images)
+        g = torch.Generator("cpu").manual_seed(int(seed))
+        with self.use(self.ae) as ae:
+            return sampling.pack(ae.encode(images.to(self.device, self.dtype), sample=True, generator=g))
+
+    def with_defaults(self, height=None, width=None, guidance=None, negative_prompt=None, true_cfg_scale=None):
+        """The arguments every sampling entry point shares, each left None replaced by the model's (`defaults`):
+        -> (height, width, guidance, negative_prompt, true_cfg_scale). True CFG stays off with true_cfg_scale=1
+        (or for a model without a negative prompt, as FLUX.1, with none given: diffusers' rule)."""
+        d = self.defaults
+        height, width = d.size(height, width)
+        negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
+        true_cfg_scale = d.true_cfg_scale if true_cfg_scale is None else true_cfg_scale
+        return height, width, d.guidance if guidance is None else guidance, negative_prompt, true_cfg_scale
+
     def schedule(self, steps: int | None, height: int, width: int) -> Tensor:
-        """steps + 1 timesteps 1 -> 0 for this size, shifted per `flow_schedule` (the scheduler config)."""
+        """steps + 1 timesteps 1 -> 0 for this size, shifted per `flow_schedule` (the scheduler config). Every
+        sampling entry point comes here with its final size: a size far from the model's training warns here."""
         steps = self.default_steps if steps is None else steps
+        if (far := self.defaults.size_warning(height, width)) is not None:
+            warnings.warn(far, stacklevel=3)
         h, w = sampling.latent_size(height, width)
         return self.flow_schedule.timesteps(steps, (h // 2) * (w // 2))
 
     # -- text to image ------------------------------------------------------------------------------------------
-    def generate(self, prompt: str | list[str], height: int = 1024, width: int = 1024, steps: int | None = None,
-                 guidance: float = 3.5, seed: sampling.Seed = 0, num_images: int = 1, progress: bool = False,
-                 return_latents: bool = False, negative_prompt: str | list[str] | None = None,
-                 true_cfg_scale: float = 1.0, latents: Tensor | None = None):
+    def generate(self, prompt: str | list[str], height: int | None = None, width: int | None = None,
+                 steps: int | None = None, guidance: float | None = None, seed: sampling.Seed = 0,
+                 num_images: int = 1, progress: bool = False, return_latents: bool = False,
+                 negative_prompt: str | list[str] | None = None, true_cfg_scale: float | None = None,
+                 latents: Tensor | None = None):
         """Returns `num_images` PIL images per prompt (or the packed latents). seed: an int draws the whole
         batch's noise from one generator (diffusers-identical); a list gives image i its own seed (reproducible
         alone); torch.Generator(s) are used as diffusers' `generator=`. negative_prompt + true_cfg_scale > 1:
         true classifier-free guidance (two forwards per step), as diffusers' FluxPipeline. latents: packed
-        initial noise (B, N, 64) instead of drawing it."""
+        initial noise (B, N, 64) instead of drawing it. None: the model's value (`self.defaults`)."""
+        height, width, guidance, negative_prompt, true_cfg_scale = self.with_defaults(height, width, guidance,
+                                                                             negative_prompt, true_cfg_scale)
         validate.generate_args(height, width, steps, guidance, seed, num_images, true_cfg_scale=true_cfg_scale)
         (txt, txt_ids, vec), negative = self.conditions(prompt, num_images, negative_prompt, true_cfg_scale)
         B, N = txt.shape[0], (height // 16) * (width // 16)
@@ -278,16 +227,18 @@ class Pipeline:
         return img if return_latents else self.decode(img, height, width)
 
     def __call__(self, prompt: str | list[str], height: int | None = None, width: int | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float = 3.5,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", negative_prompt: str | list[str] | None = None,
-                 true_cfg_scale: float = 1.0, latents: Tensor | None = None, progress: bool = False) -> FluxOutput:
+                 true_cfg_scale: float | None = None, latents: Tensor | None = None,
+                 progress: bool = False) -> FluxOutput:
         """diffusers' FluxPipeline call: the same arguments mean the same, and the same generator gives the same
-        images. Differences: the default steps follow the checkpoint (4 schnell, 28 dev), and T5's length is the
-        pipeline's (512 dev, 256 schnell: pass max_sequence_length=256 to diffusers for schnell)."""
+        images. Differences: every value not given is the model's (`self.defaults`: diffusers' for FLUX.1, except
+        the steps follow the checkpoint, 4 schnell and 28 dev), and T5's length is the pipeline's (512 dev, 256
+        schnell: pass max_sequence_length=256 to diffusers for schnell)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        height, width = height or 1024, width or 1024
+        height, width = self.defaults.size(height, width)
         if generator is None:  # diffusers draws from torch's global generator: so does this seed
             generator = int(torch.randint(0, 2 ** 62, ()))
         img = self.generate(prompt, height, width, num_inference_steps, guidance_scale, generator,
@@ -306,24 +257,21 @@ class Pipeline:
 
     # -- image to image -----------------------------------------------------------------------------------------
     def img2img(self, image, prompt: str | list[str], strength: float = 0.6, height: int | None = None,
-                width: int | None = None, steps: int | None = None, guidance: float = 3.5, seed: sampling.Seed = 0,
-                num_images: int = 1, negative_prompt: str | list[str] | None = None, true_cfg_scale: float = 1.0,
-                progress: bool = False, return_latents: bool = False):
+                width: int | None = None, steps: int | None = None, guidance: float | None = None,
+                seed: sampling.Seed = 0, num_images: int = 1, negative_prompt: str | list[str] | None = None,
+                true_cfg_scale: float | None = None, progress: bool = False, return_latents: bool = False):
         """Image to image as diffusers' FluxImg2ImgPipeline: of the schedule for `steps` only the steps from
         t_start = int(steps - strength·steps) on run; the image's latent is a posterior SAMPLE drawn from the
         seed's generator, then the noise from the same generator, and the start is σ·noise + (1 - σ)·latent at
         the first kept step (scale_noise). strength 1: from pure noise; small: close to the image.
-        image: a path or PIL image, resized (Lanczos) to height x width; default: its own size rounded down to
-        multiples of 16. A seed list gives every image its own posterior sample and noise (as diffusers with
+        image: a path or PIL image, resized (Lanczos) to height x width; default: the model's size
+        (`self.defaults`, as diffusers' default_sample_size), as every other value left None. A seed list gives every image its own posterior sample and noise (as diffusers with
         one generator per copy of the image)."""
         validate.number("strength", strength, 0.0, 1.0)
+        height, width, guidance, negative_prompt, true_cfg_scale = self.with_defaults(height, width, guidance,
+                                                                             negative_prompt, true_cfg_scale)
         validate.generate_args(height, width, steps, guidance, seed, num_images, true_cfg_scale=true_cfg_scale)
-        if not isinstance(image, Image.Image):
-            if not Path(image).is_file():
-                raise FileNotFoundError(f"image not found: {image}")
-            with Image.open(image) as im:
-                image = im.convert("RGB")
-        height, width = height or image.height // 16 * 16, width or image.width // 16 * 16
+        image = to_rgb(open_image(image, "image"))  # the exact reader: EXIF orientation, 16-bit grey scaled
         sampling.latent_size(height, width)
         steps = self.default_steps if steps is None else steps
         t_start = int(max(steps - min(steps * strength, steps), 0))
@@ -334,7 +282,7 @@ class Pipeline:
         B = txt.shape[0]
         gen = sampling.generator(seed, B)
         x = pil_to_tensor(load_image(image, (height, width))).to(self.device, self.dtype)  # Lanczos, as diffusers
-        with torch.no_grad(), self._use(self.ae) as ae:
+        with torch.no_grad(), self.use(self.ae) as ae:
             if isinstance(gen, list):
                 x0 = torch.cat([ae.encode(x, sample=True, generator=g) for g in gen])
             else:
@@ -348,8 +296,8 @@ class Pipeline:
 
     # -- personalization (the methods live in personalize.py and freecus.py; these are their entry points) ------
     # The module functions themselves, so `pipe.personalize` has their full, explicit signature and docstring.
-    invert = _personalize.invert              # invert a reference image (Personalize Anything's reference branch)
-    personalize = _personalize.personalize    # Personalize Anything: subject(s) placed into a new image
-    inpaint = _personalize.inpaint            # repaint a masked region, keep the rest
-    outpaint = _personalize.outpaint          # extend an image to a larger canvas
-    freecus = _freecus.freecus                # FreeCus: pivotal attention sharing on vital layers
+    invert = inversion.invert                 # invert a reference image (Personalize Anything's reference branch)
+    personalize = pa.personalize              # Personalize Anything: subject(s) placed into a new image
+    inpaint = pa.inpaint                      # repaint a masked region, keep the rest
+    outpaint = pa.outpaint                    # extend an image to a larger canvas
+    freecus = fc.freecus                      # FreeCus: pivotal attention sharing on vital layers

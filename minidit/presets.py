@@ -3,8 +3,10 @@
 Each method has one small frozen settings dataclass (`personalize.PersonalizeSettings`,
 `personalize.EditSettings`, `freecus.FreeCusSettings`) with two named constructors, `.paper()` and
 `.official()`, so the difference between the presets is a readable diff of fields (README: "Presets").
-An entry point takes `preset="paper" | "official"` (or a settings object) plus one keyword per field; a field
-left at `PRESET` takes the preset's value, any other value overrides exactly that field:
+An entry point takes `preset="paper" | "official"` (or a settings object) plus any field as a keyword, checked
+against the dataclass's fields (`resolve`); a field left out (or given as `PRESET`) takes the preset's value, any
+other value overrides exactly that field. `document_settings` lists every field with both presets' values in the
+entry point's docstring, so `help(pipe.inpaint)` shows them:
 
     pipe.inpaint(image, mask, prompt, preset="official", tau=30)          # their code, but τ = 30 (their units)
     s = EditSettings.resolve("official", blend=True)                      # the same resolution, by hand
@@ -113,6 +115,20 @@ def _parse_value(key: str, text: str, hint):
         return text
     except ValueError:
         raise ValueError(f"--set {key}={text!r}: expected {getattr(kind, '__name__', kind)}") from None
+
+
+def document_settings(cls):
+    """Decorator of an entry point taking `**settings` of the dataclass `cls`: appends every field with its "paper"
+    and "official" value to the docstring (the one place these keyword lists are written is the dataclass)."""
+    paper, official = cls.paper(), cls.official()
+    rows = [f"        {f.name} = {getattr(paper, f.name)!r} / {getattr(official, f.name)!r}"
+            for f in dataclasses.fields(cls)]
+
+    def wrap(fn):
+        fn.__doc__ = (f"{fn.__doc__ or ''}\n\n    Settings keywords ({cls.__name__} fields), "
+                      "paper / official value:\n" + "\n".join(rows) + "\n")
+        return fn
+    return wrap
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -1,5 +1,5 @@
-"""Flow-matching sampling for FLUX: schedule, 2x2 packing, position ids, seeded noise, the Euler loop.
-All pure functions except `denoise`, which only calls the model.
+"""Flow-matching sampling for FLUX: schedule, 2x2 packing, position ids, seeded noise, and the one Euler loop.
+All pure functions except `denoise`, which only calls the model (and a method's reference branch, if given).
 
 Time runs from t = 1 (pure noise) to t = 0 (image); x_t = (1 - t) x_0 + t ε and the model predicts the velocity
 v = ε - x_0, so an Euler step is x ← x + (t_next - t) v. FLUX.1-dev shifts the schedule towards high noise with
@@ -180,24 +180,112 @@ def guidance_vector(model, batch: int, guidance: float | None, device=None, dtyp
     return torch.full((batch,), float(guidance), device=device, dtype=dtype)
 
 
+@dataclass
+class BranchInputs:
+    """The extra batch items a personalization method puts in front of the targets for one step: the model sees
+    the batch [branch items; targets] and `state` (a refstate.RefState) tells it what the items do."""
+    x: Tensor            # (n, N, 64) the items' latents at this step
+    ids: Tensor          # (n, N, 3) their image position ids
+    txt: Tensor          # (n, L, C) their prompt's T5 states
+    txt_ids: Tensor      # (n, L, 3)
+    vec: Tensor          # (n, V) their CLIP vectors
+    t: Tensor            # (n,) the time the model is told for them
+    state: object        # the RefState of this forward
+    cond: Tensor | None = None  # (n, N, C) their own channel conditioning when the targets have `img_cond`
+
+
 @torch.no_grad()
 def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor, timesteps: Tensor,
             guidance: float | None = 3.5, progress: bool = False,
-            negative: tuple[Tensor, Tensor, Tensor] | None = None, true_cfg_scale: float = 1.0) -> Tensor:
-    """Euler integration of the model's velocity over `timesteps` (steps + 1 values, 1 -> 0).
+            negative: tuple[Tensor, Tensor, Tensor] | None = None, true_cfg_scale: float = 1.0,
+            branch=None, desc: str = "denoise", img_cond: Tensor | None = None, img_cond_seq: Tensor | None = None,
+            img_cond_seq_ids: Tensor | None = None) -> Tensor:
+    """Euler integration of the model's velocity over `timesteps` (steps + 1 values, 1 -> 0): the one sampling
+    loop of plain generation, img2img, Personalize Anything and FreeCus.
     img (B, N, 64) packed noise; returns the packed clean latent. The update is done in fp32.
     negative: (txt, txt_ids, vec) of a negative prompt for true classifier-free guidance, as diffusers'
     FluxPipeline: a second forward per step and v = v_neg + true_cfg_scale·(v - v_neg) (the caller decides
-    when: diffusers does it iff true_cfg_scale > 1 and a negative prompt is given)."""
-    B = img.shape[0]
+    when: diffusers does it iff true_cfg_scale > 1 and a negative prompt is given).
+    branch: what a personalization method changes per step, an object with two methods:
+      `branch.before(i, t, img) -> (img, BranchInputs | None)`: the targets' latents (a method may edit them,
+          e.g. Personalize Anything's latent blend) and the reference items to run in front of them this step;
+      `branch.after(i, t, t_next, v, img) -> img`: after the targets' Euler step, the velocities (n, N, 64)
+          fp32 the model returned for the branch items (none when the RefState dropped them after its last
+          layer), for a method whose references have a trajectory of their own; returns the targets' latents.
+    The targets' update is the same in every case.
+    The FLUX.1 family's conditioning, as BFL's `src/flux/sampling.py: denoise`: img_cond (B, N, C) is
+    concatenated to the latents on the channel axis every step (Fill: masked-image latents + packed mask, C = 320;
+    Depth/Canny: control-image latents, C = 64); img_cond_seq (B, M, 64) + img_cond_seq_ids (B, M, 3) are
+    appended on the sequence axis (Kontext's reference tokens) and the prediction is cut to the first N tokens.
+    Branch items bring their own channel conditioning (`BranchInputs.cond`)."""
+    if branch is not None and negative is not None:
+        raise ValueError("true CFG (a negative prompt) is not combined with a reference branch")
+    if branch is not None and img_cond_seq is not None:
+        raise ValueError("a reference branch is not combined with Kontext's reference tokens")
+    B, N = img.shape[:2]
+    check_conditioning(model, img, img_cond, img_cond_seq, img_cond_seq_ids)
+    x_in, ids_in = with_conditioning(img_cond, img_cond_seq, img_cond_seq_ids)
     g = guidance_vector(model, B, guidance, img.device, img.dtype)
-    bar = Progress(len(timesteps) - 1, progress)
-    for t, t_next in zip(timesteps[:-1].tolist(), timesteps[1:].tolist()):
+    bar = Progress(len(timesteps) - 1, progress, desc)
+    for i, (t, t_next) in enumerate(zip(timesteps[:-1].tolist(), timesteps[1:].tolist())):
         tt = torch.full((B,), t, device=img.device, dtype=img.dtype)
-        pred = model(img, img_ids, txt, txt_ids, tt, vec, g)
+        extra = None
+        if branch is not None:
+            img, extra = branch.before(i, t, img)
+        x, ids = x_in(img), ids_in(img_ids)
+        if extra is None:
+            pred = model(x, ids, txt, txt_ids, tt, vec, g)[:, :N]
+        else:  # the batch [branch items; targets]
+            n = extra.x.shape[0]
+            if (img_cond is None) != (extra.cond is None):
+                raise ValueError("the branch items need their own conditioning exactly when the targets have img_cond")
+            xb = extra.x if extra.cond is None else torch.cat([extra.x, extra.cond.to(extra.x)], dim=-1)
+            gb = guidance_vector(model, n + B, guidance, img.device, img.dtype)
+            pred = model(torch.cat([xb, x]), torch.cat([extra.ids, ids]), torch.cat([extra.txt, txt]),
+                         torch.cat([extra.txt_ids, txt_ids]), torch.cat([extra.t, tt]), torch.cat([extra.vec, vec]),
+                         gb, ref=extra.state).float()
+            v_branch, pred = pred[:pred.shape[0] - B], pred[pred.shape[0] - B:]
         if negative is not None:
-            neg = model(img, img_ids, negative[0], negative[1], tt, negative[2], g)
+            neg = model(x, ids, negative[0], negative[1], tt, negative[2], g)[:, :N]
             pred = neg + true_cfg_scale * (pred - neg)
         img = (img.float() + (t_next - t) * pred.float()).to(img.dtype)
+        if extra is not None:
+            img = branch.after(i, t, t_next, v_branch, img)
         bar.update()
     return img
+
+
+VARIANT_NEEDS = {"fill": "the image and mask of pipe.fill (minidit fill)",
+                 "control": "a control image (control_image= / --control)"}
+
+
+def check_conditioning(model, img: Tensor, img_cond: Tensor | None, img_cond_seq: Tensor | None,
+                       img_cond_seq_ids: Tensor | None) -> None:
+    """One-line errors before the first step: the channel conditioning must fill the model's img_in width
+    (a Fill or control model without its conditioning, or conditioning on a dev model), shapes must agree."""
+    width = img.shape[-1] + (0 if img_cond is None else img_cond.shape[-1])
+    if width != getattr(model.cfg, "in_channels", width):  # (a test's stand-in model may not say)
+        variant = model.cfg.variant
+        need = VARIANT_NEEDS.get(variant, "no channel conditioning (it is not a Fill or Depth/Canny model)")
+        raise ValueError(f"this FLUX.1 {variant} model (img_in width {model.cfg.in_channels}) needs {need}; "
+                         f"got {width} input channels")
+    if img_cond is not None and img_cond.shape[:2] != img.shape[:2]:
+        raise ValueError(f"img_cond must be (B, N, C) like the latents {tuple(img.shape[:2])}, "
+                         f"got {tuple(img_cond.shape)}")
+    if (img_cond_seq is None) != (img_cond_seq_ids is None):
+        raise ValueError("img_cond_seq and img_cond_seq_ids go together")
+    if img_cond_seq is not None and (img_cond_seq.shape[0] != img.shape[0] or img_cond_seq.shape[-1] != img.shape[-1]
+                                     or img_cond_seq_ids.shape[:2] != img_cond_seq.shape[:2]):
+        raise ValueError(f"img_cond_seq must be (B, M, {img.shape[-1]}) with ids (B, M, 3), got "
+                         f"{tuple(img_cond_seq.shape)} and {tuple(img_cond_seq_ids.shape)}")
+
+
+def with_conditioning(img_cond: Tensor | None, img_cond_seq: Tensor | None, img_cond_seq_ids: Tensor | None):
+    """-> (latents -> model input, ids -> model ids): the channel and sequence conditioning of `denoise`."""
+    def x_in(img: Tensor) -> Tensor:
+        x = img if img_cond is None else torch.cat([img, img_cond.to(img)], dim=-1)
+        return x if img_cond_seq is None else torch.cat([x, img_cond_seq.to(x)], dim=1)
+
+    def ids_in(ids: Tensor) -> Tensor:
+        return ids if img_cond_seq_ids is None else torch.cat([ids, img_cond_seq_ids.to(ids)], dim=1)
+    return x_in, ids_in

@@ -16,7 +16,7 @@ mask, so the pad tokens are attended to, exactly as FLUX was trained. txt has T5
 """
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from .clip import CLIPTextConfig, CLIPTextEncoder
-from .loading import CheckpointError, _shape, check_config, default_device_dtype, load_streaming, open_checkpoint
+from .loading import (CheckpointError, check_config, default_device_dtype, load_streaming, open_checkpoint, read_json,
+                      tensor_shape)
 from .t5 import T5Config, T5Encoder
 from .tokenizer import CLIPTokenizer, T5Tokenizer
 
@@ -39,7 +40,7 @@ class _KeyView(Mapping):
         return self.sd[self.keys[key]]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return _shape(self.sd, self.keys[key])
+        return tensor_shape(self.sd, self.keys[key])
 
     def __iter__(self):
         return iter(self.keys)
@@ -57,12 +58,7 @@ def _read_config(path: Path, config, cls, what: str):
     file = Path(config) if config is not None else (path / "config.json" if path.is_dir() else None)
     if file is None:  # a single file (ComfyUI's t5xxl_fp16 / clip_l): FLUX.1's own encoder, T5-XXL or CLIP-L
         return cls.xxl() if hasattr(cls, "xxl") else cls.vit_l14()
-    if not file.is_file():
-        raise CheckpointError(f"{what}: config file not found: {file}")
-    try:
-        d = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{what}: {file} is not valid JSON ({e})") from None
+    d = read_json(file, f"{what} config")  # a missing, irregular, huge or invalid file: a named error
     try:
         return cls.from_hf(d)
     except ValueError as e:
@@ -137,24 +133,21 @@ def load_clip(path: str | Path, device: torch.device | str | None = None, dtype:
 
 
 def tokenizer_max_length(folder: Path) -> int | None:
-    """`model_max_length` of a tokenizer folder's tokenizer_config.json (None when absent or unreadable).
-    FLUX's own T5 tokenizers say 512; minidit's built-in tiny model says 48, the length it was trained with."""
-    try:
-        n = json.loads((Path(folder) / "tokenizer_config.json").read_text()).get("model_max_length")
-    except (OSError, ValueError):
+    """`model_max_length` of a tokenizer folder's tokenizer_config.json (None when there is none; one that cannot
+    be read is an error). FLUX's own T5 tokenizers say 512; minidit's built-in tiny model says 48, the length it
+    was trained with."""
+    file = Path(folder) / "tokenizer_config.json"
+    if not Path(folder).is_dir() or not os.path.lexists(file):
         return None
+    n = read_json(file, "tokenizer config").get("model_max_length")
     return n if isinstance(n, int) and 0 < n else None
 
 
 def _default_max_length(root: Path) -> int:
     """512, or 256 for FLUX.1-schnell (recognised by its transformer config: no guidance embedding)."""
     cfg = root / "transformer" / "config.json"
-    if cfg.is_file():
-        try:
-            if json.loads(cfg.read_text()).get("guidance_embeds", True) is False:
-                return 256
-        except json.JSONDecodeError:
-            pass
+    if os.path.lexists(cfg) and read_json(cfg, "transformer config").get("guidance_embeds", True) is False:
+        return 256
     return 512
 
 

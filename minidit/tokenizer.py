@@ -23,12 +23,16 @@ tokens were dropped. Both tokenizers take a str or a list of str; the empty prom
 """
 from __future__ import annotations
 
+import base64
 import json
+import os
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from . import files
 
 
 def _as_list(prompts: str | list[str]) -> list[str]:
@@ -133,7 +137,7 @@ class T5Tokenizer:
             raise FileNotFoundError(f"T5 tokenizer not found: {path}")
         if path.is_dir():
             for name in ("tokenizer.json", "spiece.model"):
-                if (path / name).is_file():
+                if os.path.lexists(path / name):  # a FIFO or folder by that name is refused, not skipped
                     path = path / name
                     break
             else:
@@ -143,9 +147,8 @@ class T5Tokenizer:
             raise ValueError(f"T5 tokenizer: max_length must be >= 1, got {max_length}")
         extra_ids = 100
         config = path.parent / "tokenizer_config.json"
-        if config.is_file():
-            from .loading import read_json
-            extra_ids = read_json(config, "T5 tokenizer config").get("extra_ids", 100)
+        if os.path.lexists(config):
+            extra_ids = files.read_json(config, "T5 tokenizer config").get("extra_ids", 100)
             if isinstance(extra_ids, bool) or not isinstance(extra_ids, int) or not 0 <= extra_ids <= 1000:
                 raise ValueError(f"{config}: extra_ids = {extra_ids!r} (T5 uses 100; at most 1000)")
         extra = [f"<extra_id_{i}>" for i in range(extra_ids)]
@@ -164,6 +167,7 @@ class T5Tokenizer:
         """(pieces with scores, precompiled charsmap, [pad, eos, unk] pieces) of a SentencePiece model."""
         import sentencepiece as spm
 
+        files.regular(model_file, "T5 tokenizer", files.LIMITS["tokenizer"])  # never hand sentencepiece a FIFO
         try:
             sp = spm.SentencePieceProcessor(model_file=str(model_file))
         except (RuntimeError, OSError) as e:
@@ -181,13 +185,12 @@ class T5Tokenizer:
     @classmethod
     def _read_tokenizer_json(cls, file: Path) -> tuple[list[tuple[str, float]], bytes | None]:
         """(pieces with scores, precompiled charsmap) of a `tokenizers` tokenizer.json holding a T5 unigram."""
-        import base64
+        from tokenizers import Tokenizer  # optional dependency: imported where it is needed
 
-        from tokenizers import Tokenizer
-
+        text = files.read_text(file, "T5 tokenizer", files.LIMITS["json"])  # one guarded read, used twice
         try:
-            Tokenizer.from_file(str(file))  # the library's own check that this is a tokenizer it can run
-            data = json.loads(file.read_text(encoding="utf-8"))
+            Tokenizer.from_str(text)  # the library's own check that this is a tokenizer it can run
+            data = json.loads(text)
         except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception on malformed files)
             raise ValueError(f"T5 tokenizer: cannot read {file} as a tokenizers tokenizer.json ({e})") from None
         model = data.get("model") or {}
@@ -226,12 +229,12 @@ class CLIPTokenizer:
         if not folder.is_dir():
             raise FileNotFoundError(f"CLIP tokenizer folder not found: {folder}")
         for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
+            if not os.path.lexists(folder / name):
                 raise FileNotFoundError(f"CLIP tokenizer: {folder / name} is missing")
         if max_length < 2:
             raise ValueError(f"CLIP tokenizer: max_length must be >= 2, got {max_length}")
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        vocab = files.read_json(folder / "vocab.json", "CLIP tokenizer vocabulary")
+        lines = files.read_text(folder / "merges.txt", "CLIP tokenizer merges").splitlines()
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         bos, eos = "<|startoftext|>", "<|endoftext|>"
         if vocab.get(bos) != self.bos_id or vocab.get(eos) != self.eos_id:

@@ -4,7 +4,8 @@
     validate.number("lambda_ref", x, lo=0, lo_open=True, hi=100)                 # one option
     validate.finite_tensor("latents", z)                                         # NaN/Inf is an error
 
-The CLI runs the same checks before any model loads (`cli_inputs`), so a bad value costs nothing.
+The CLI runs the same checks before any model loads (cli/commands.py `check_inputs`), so a bad value costs
+nothing.
 """
 from __future__ import annotations
 
@@ -131,48 +132,3 @@ def device(name) -> torch.device:
     elif d.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {name!r}: minidit runs on cpu, cuda or mps")
     return d
-
-
-def cli_inputs(args) -> None:
-    """Options, input images/masks and the output path checked before any model loads: one named error each."""
-    from .cli import _mask_arg
-    from .image import output_paths
-    from .masks import Reference, load_reference
-    for dest in ("prompt", "ref_prompt", "scene_prompt", "image_prompt", "negative_prompt", "caption"):
-        for text in (lambda v: v if isinstance(v, list) else [v])(getattr(args, dest, None)):
-            if text is not None and not _utf8(text):
-                raise ValueError(f"--{dest.replace('_', '-')} is not valid UTF-8 text")
-    n = integer("--num-images", getattr(args, "num_images", 1), 1, MAX_IMAGES)
-    given_size(getattr(args, "height", None), getattr(args, "width", None), n, what="--")
-    if args.steps is not None:
-        integer("--steps", args.steps, 1, MAX_STEPS)
-    number("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
-    for s in (args.seed if isinstance(args.seed, list) else [args.seed]):  # the CLI's --seed takes several
-        integer("--seed", s, 0, SEED_END - n)  # image i of a batch uses seed + i
-    ranges = {"lambda_ref": (0, MAX_LAMBDA, True), "lambda_prompt": (0, MAX_LAMBDA, True),
-              "tau": (0, 100, False), "strength": (0, 1, True), "true_cfg": (1, MAX_GUIDANCE, False)}
-    for dest, (lo, hi, lo_open) in ranges.items():
-        if isinstance(getattr(args, dest, None), (int, float)):  # None / a preset's sentinel: not given
-            number(f"--{dest.replace('_', '-')}", getattr(args, dest), lo, hi, lo_open)
-    if args.device is not None:
-        device(args.device)
-    pairs = []  # (image, mask) read now, so a bad file costs nothing
-    if getattr(args, "ref", None) is not None:
-        refs = args.ref if isinstance(args.ref, list) else [args.ref]
-        masks = args.mask if isinstance(args.mask, list) else [args.mask] * len(refs)
-        pairs += [(r, m, "--ref") for r, m in zip(refs, masks if len(masks) == len(refs) else [None] * len(refs))]
-    if getattr(args, "scene", None):
-        pairs.append((args.scene, args.scene_mask, "--scene"))
-    if getattr(args, "image", None):
-        pairs.append((args.image, getattr(args, "mask", None) if getattr(args, "ref", None) is None else None, "--image"))
-    for image, mask, flag in pairs:  # (x, y, w, h) box masks are checked against their image here too
-        load_reference(Reference(image, _mask_arg(mask)), what=f"{flag} {image}")
-    args.outputs = output_paths(args.output, getattr(args, "total_images", n))  # prompts x seeds x n (cli)
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")  # undecodable bytes from the command line arrive as lone surrogates
-        return True
-    except UnicodeEncodeError:
-        return False

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import ROOT
 from minidit import attention as A
 from minidit.attention import attention, attention_reference, attention_sdpa, key_scales, set_backend
-from minidit.kernels import ref_attention
+from minidit.kernels.ref_attention import ref_attention
 from minidit.rope import embed_nd
 
 K = importlib.import_module("minidit.kernels.ref_attention")
@@ -321,7 +321,7 @@ def test_attention_dispatch_with_rope():
     assert maxdiff(outs["triton"], outs["reference"]) <= 2e-5
     assert maxdiff(outs["sdpa"], outs["reference"]) <= 2e-5
     assert maxdiff(outs["reference"], attention(q, k, v, None, backend="reference", **kw)) > 1e-2  # pe is used
-    assert A._auto_backend(q) == "sdpa"  # CPU; triton is chosen for CUDA fp16/bf16 (checked by the gpu test)
+    assert A.auto_backend(q) == "sdpa"  # CPU; triton is chosen for CUDA fp16/bf16 (checked by the gpu test)
 
 
 def test_set_backend(monkeypatch):

@@ -8,7 +8,7 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
-from minidit import autoencoder
+from minidit import autoencoder, tiling
 from minidit.autoencoder import AutoEncoder, AutoEncoderConfig, load_autoencoder
 from minidit.loading import CheckpointError
 from minidit.weights.tiny_ae import diffusers_config, tiny_ae_state_dict, write_tiny_ae
@@ -144,8 +144,8 @@ def test_full_size_layout_on_meta():
 @pytest.mark.parametrize("b,h,w,tile", [(2, 128, 96, 32), (1, 256, 128, 32), (1, 80, 112, 48)])
 def test_tiled_matches_untiled(ae, b, h, w, tile, monkeypatch):
     x = _images(b, h, w)
-    calls = []  # per _map call: (input side, crop sides)
-    real = autoencoder._map
+    calls = []  # per map_tiles call: (input side, crop sides)
+    real = tiling.map_tiles
 
     def spy(fn, t, tile, halo, **kw):
         crops = []
@@ -153,7 +153,8 @@ def test_tiled_matches_untiled(ae, b, h, w, tile, monkeypatch):
         return real(lambda c: crops.append(tuple(c.shape[-2:])) or fn(c), t, tile, halo, **kw)
     with torch.no_grad():
         z, y = ae.encode(x), ae.decode(ae.encode(x))
-        monkeypatch.setattr(autoencoder, "_map", spy)
+        monkeypatch.setattr(autoencoder, "map_tiles", spy)
+        monkeypatch.setattr(tiling, "map_tiles", spy)
         zt = ae.encode(x, tile=tile)
         yt = ae.decode(z, tile=tile)
     # really tiled: the decoder's last layer (conv_out, halo 1) ran on ceil(h/tile) x ceil(w/tile) crops, each at
@@ -170,14 +171,18 @@ def test_tiling_halo_and_statistics_matter(ae, monkeypatch):
     """Controls for the test above: without the halo the crops' padded edges show; with each crop's own
     GroupNorm statistics (as diffusers' tiling) the result changes too."""
     z = torch.randn(1, 16, 10, 14)
-    real_map = autoencoder._map
+    real_map = tiling.map_tiles
+    no_halo = lambda fn, x, tile, halo, **kw: real_map(fn, x, tile, 0, **kw)  # noqa: E731
     with torch.no_grad():
         y = ae.decode(z)
         assert (ae.decode(z, tile=48) - y).abs().max() < 1e-5
-        monkeypatch.setattr(autoencoder, "_map", lambda fn, x, tile, halo, **kw: real_map(fn, x, tile, 0, **kw))
+        monkeypatch.setattr(autoencoder, "map_tiles", no_halo)
+        monkeypatch.setattr(tiling, "map_tiles", no_halo)
         assert (ae.decode(z, tile=48) - y).abs().max() > 1e-3
-        monkeypatch.setattr(autoencoder, "_map", real_map)
-        monkeypatch.setattr(autoencoder, "_group_norm", lambda mod, m, h: mod(h))
+        monkeypatch.setattr(autoencoder, "map_tiles", real_map)
+        monkeypatch.setattr(tiling, "map_tiles", real_map)
+        monkeypatch.setattr(autoencoder, "group_norm", lambda mod, m, h: mod(h))
+        monkeypatch.setattr(tiling, "group_norm", lambda mod, m, h: mod(h))
         assert (ae.decode(z, tile=48) - y).abs().max() > 1e-3
 
 

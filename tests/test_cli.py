@@ -1,6 +1,5 @@
 """Issue 14, the CLI half: metadata that reproduces an image (--from-png), seeds, several prompts, helps with
 defaults and examples, separate component files, progress/quiet/closing lines. Tiny random repositories."""
-import argparse
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from PIL import Image
 
 from conftest import ROOT
 from minidit.cli import build_parser, main
-from minidit.metadata import read_png
+from minidit.cli.record import read_png
 from minidit.weights.tiny import write_tiny_repo
 
 FAST = ["--height", "16", "--width", "16", "--steps", "1"]
@@ -95,17 +94,17 @@ def test_missing_seed_is_random_printed_and_recorded(repo, tmp_path, capsys):
 # ---- helps ----------------------------------------------------------------------------------------------------
 
 def test_every_option_states_its_default_and_every_command_has_examples():
-    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    for name, p in sub.choices.items():
-        fmt = p._get_formatter()
-        for a in p._actions:
+    subcommands = build_parser().subcommands
+    for name, p in subcommands.items():
+        for a in p.options:
             if a.option_strings and a.dest != "help":
-                text = fmt._get_help_string(a) or ""
-                assert "default" in text or "(required" in text, (name, a.option_strings, text)
+                text = a.help or ""
+                assert "default" in text or "required" in text, (name, a.option_strings, text)
+                assert text.count("required") <= 1, (name, a.option_strings, text)
         assert p.epilog.startswith("examples:\n  minidit " + name), name
     r = cli("outpaint", "--help")
     assert r.returncode == 0 and "--width" in r.stdout and "--canvas WxH" in r.stdout and "examples:" in r.stdout
-    pers, free = (sub.choices[c].format_help() for c in ("personalize", "freecus"))
+    pers, free = (subcommands[c].format_help() for c in ("personalize", "freecus"))
     assert "freecus's default is the full prompt" in " ".join(pers.split())
     assert "personalize's default is empty" in " ".join(free.split())
 

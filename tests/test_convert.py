@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from minidit.autoencoder import load_autoencoder
-from minidit.transformer import load_transformer
+from minidit.flux_loading import load_transformer
 from minidit.weights.convert import main
 from minidit.weights.tiny_ae import write_tiny_ae
 from minidit.weights.tiny_flux import TINY, write_tiny_flux

@@ -11,7 +11,7 @@ import minidit.transformer as transformer_module
 from minidit import sampling
 from minidit.attention import attention_reference, set_backend
 from minidit.freecus import (FILTER_TEMPLATE, FLUX1_VITAL_LAYERS, LAMBDA_PROMPT, LAMBDA_REF, check_vital_layers,
-                             default_vital_layers, denoise_freecus, freecus_refstate, noised_reference,
+                             NoisedReference, default_vital_layers, freecus_refstate, noised_reference,
                              reference_sigmas, with_caption)
 from minidit.masks import Reference
 from minidit.refstate import RefState
@@ -45,12 +45,13 @@ def inputs(B, seed=0, cfg=TINY):
                 ref_vec=torch.randn(1, cfg.vec_in_dim, generator=g))
 
 
-def run(model, x, steps=3, **kw):
+def run(model, x, steps=3, guidance=3.5, **kw):
     timesteps = sampling.get_schedule(steps, N)
-    kw.setdefault("ref_sigmas", reference_sigmas(steps, N))
-    return denoise_freecus(model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["vec"], timesteps,
-                           x["ref_latent"], x["ref_noise"], subject=kw.pop("subject", SUBJECT),
-                           ref_txt=x["ref_txt"], ref_vec=x["ref_vec"], **kw)
+    sigmas = kw.pop("ref_sigmas", reference_sigmas(steps, N))
+    branch = NoisedReference(model, x["ref_latent"], x["ref_noise"], sigmas, kw.pop("subject", SUBJECT),
+                             x["img_ids"][:1], x["ref_txt"], x["txt_ids"][:1], x["ref_vec"], **kw)
+    return sampling.denoise(model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["vec"], timesteps, guidance,
+                            branch=branch)
 
 
 # ------------------------------------------------------------------------------------------- σ' schedule
@@ -339,8 +340,7 @@ def test_pipeline_prompts_caption_and_reference(pipe, monkeypatch):
     seen, real = [], pipe.encode_prompt
     monkeypatch.setattr(pipe, "encode_prompt", lambda p: (seen.append(list(p)), real(p))[1])
     rec = Recorder(pipe.transformer)
-    import minidit.freecus as fc
-    monkeypatch.setattr(fc, "denoise_freecus", lambda model, *a, **k: denoise_freecus(rec, *a, **k))
+    monkeypatch.setattr(pipe, "transformer", rec)
     imgs = pipe.freecus("a stork dancing", REF, caption="white feathers, red beak", steps=2, num_images=2, seed=4)
     assert seen[-1] == ["a stork dancing. white feathers, red beak"] * 3   # [reference; 2 targets]: the authors'
     assert len(imgs) == 2 and imgs[0].size == (WP, HP)

@@ -12,8 +12,9 @@ from test_transformer import inputs, run_diffusers, run_minidit
 
 from minidit import loading
 from minidit.loading import CheckpointError, Converted
-from minidit.lora import lora_info, parse_lora_arg, part_rows, read_lora, set_loras, swap_halves
-from minidit.transformer import FluxConfig, diffusers_to_bfl_plan, load_transformer
+from minidit.flux_loading import load_transformer, set_loras
+from minidit.lora import lora_info, parse_lora_arg, part_rows, read_lora, swap_halves
+from minidit.transformer import FluxConfig, diffusers_to_bfl_plan
 from minidit.weights.tiny_flux import TINY, write_tiny_flux
 from minidit.weights.tiny_lora import tiny_lora, write_tiny_lora
 

@@ -12,8 +12,9 @@ from conftest import ROOT
 from minidit import sampling
 from minidit.cli import main
 from minidit.masks import Reference, token_indices, token_mask, translate
-from minidit.personalize import (Region, denoise_with_references, invert, plan_regions, reconstruct, replace_steps,
-                                 tau_threshold)
+from minidit.inversion import invert
+from minidit.personalize import PersonalizeSettings, ReferenceTrajectory, reconstruct, replace_steps, tau_threshold
+from minidit.regions import Region, plan_regions
 from minidit.pipeline import Pipeline
 from minidit.refstate import RefState
 from minidit.weights.tiny import write_tiny_repo
@@ -137,11 +138,12 @@ def test_tau_one_without_perturbation_or_concat_is_plain_generation(pipe):
     txt, txt_ids, vec = pipe.encode_prompt(["", "a red boat"])
     ts = pipe.schedule(4, H, W)
     inv = invert(pipe, picture(3), steps=4, seed=8)
-    out, ref = denoise_with_references(pipe.transformer, inv.noise, inv.latent, sampling.noise(1, H, W, 7),
-                                       sampling.image_ids(1, H, W), txt, txt_ids, vec, ts, 3.5,
-                                       [Region(torch.arange(3), torch.arange(3))], n_replace=0, concat=False,
-                                       keep_references=True)
-    assert ref is not None and (out - plain).abs().max() < 1e-5
+    branch = ReferenceTrajectory(inv.noise, inv.latent, sampling.image_ids(1, H, W), txt[:1], txt_ids[:1], vec[:1],
+                                 [Region(torch.arange(3), torch.arange(3))], 4, PersonalizeSettings(concat=False),
+                                 n_replace=0, keep=True)
+    out = sampling.denoise(pipe.transformer, sampling.noise(1, H, W, 7), sampling.image_ids(1, H, W), txt[1:],
+                           txt_ids[1:], vec[1:], ts, 3.5, branch=branch)
+    assert branch.n == 1 and (out - plain).abs().max() < 1e-5
 
 
 def test_reference_costs_one_batch_item_while_it_is_used(pipe, monkeypatch):

@@ -9,7 +9,8 @@ from PIL import Image
 
 from minidit.cli import main
 from minidit.loading import CheckpointError
-from minidit.pipeline import Pipeline, resolve_weights
+from minidit.pipeline import Pipeline
+from minidit.repository import resolve_weights
 from minidit.weights.tiny import write_tiny_repo
 
 
@@ -167,7 +168,7 @@ def test_cli_info(tmp_path, dev_repo, capsys):
 
 
 def test_offload_moves_one_component_at_a_time_and_restores_it(dev_repo, monkeypatch):
-    """offload=True: components live on the CPU; `_use` puts one on the pipeline device for its block and puts the
+    """offload=True: components live on the CPU; `use` puts one on the pipeline device for its block and puts the
     original CPU tensors back afterwards (no copy back). On this CPU-only machine the "GPU" is the CPU, so this
     checks the bookkeeping and that results are unchanged; the GPU memory numbers are in the README."""
     pipe = Pipeline.load(dev_repo, device="cpu", offload=True)
@@ -177,7 +178,7 @@ def test_offload_moves_one_component_at_a_time_and_restores_it(dev_repo, monkeyp
         before = [p.data for m in mods for p in m.parameters()]
         moved = []
         monkeypatch.setattr(torch.Tensor, "to", _spy(torch.Tensor.to, moved), raising=True)
-        with pipe._use(comp):
+        with pipe.use(comp):
             pass
         monkeypatch.undo()
         after = [p.data for m in mods for p in m.parameters()]
@@ -215,7 +216,7 @@ def test_component_overrides_relative_to_root_and_preferences(tmp_path, dev_repo
     # an fp8-named sibling sorts before flux1-dev.safetensors but must not be picked over the exact name
     shutil.copy(root / "flux1-dev.safetensors", root / "flux1-dev-bad.safetensors")
     (root / "flux1-dev-bad.safetensors").write_bytes(b"not a checkpoint")
-    from minidit.pipeline import WeightPaths
+    from minidit.repository import WeightPaths
     assert WeightPaths.find(root).transformer == root / "flux1-dev.safetensors"
     (root / "flux1-dev.safetensors").rename(root / "flux1-dev-fp32.safetensors")
     (root / "flux1-dev-bad.safetensors").unlink()

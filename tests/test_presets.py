@@ -19,8 +19,9 @@ from minidit import sampling
 from minidit.cli import main
 from minidit.freecus import FreeCusSettings, reference_sigmas, released_ans_seq_len
 from minidit.masks import Reference, token_indices, token_mask, token_mask_bilinear, token_mask_center
-from minidit.personalize import (EditSettings, PersonalizeSettings, invert_latent, keep_tokens, outpaint_canvas,
-                                 replace_steps_shifted)
+from minidit.inversion import invert_latent
+from minidit.personalize import EditSettings, PersonalizeSettings, replace_steps_shifted
+from minidit.regions import keep_tokens, outpaint_canvas
 from minidit.pipeline import Pipeline
 from minidit.presets import PRESET
 from minidit.weights.tiny import write_tiny_repo

@@ -1,9 +1,7 @@
 """Every ```python block of README.md runs verbatim (issue 14), in a fresh folder and namespace each.
 
-The snippets use the built-in checkpoint (`Pipeline.load()`, `builtin_repo()`). Until the trained built-in
-weights are part of the checkout (weights/trained, issue 12), the tiny random repository stands in for them:
-the code path is the same, only the pictures differ. The default step counts (28 / 30) are lowered to 2 while
-the snippets run, so the test adds seconds, not minutes; everything else runs as written."""
+The snippets use the built-in checkpoint (`Pipeline.load()`, weights/trained). The default step counts (28 / 30)
+are lowered to 2 while the snippets run, so the test adds seconds, not minutes; everything else runs as written."""
 import re
 
 import pytest
@@ -20,11 +18,8 @@ def test_readme_has_python_snippets():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
     from minidit import freecus, pipeline
-    from minidit.weights import tiny
     monkeypatch.setattr(pipeline, "DEFAULT_STEPS", {"dev": 2, "schnell": 2})
     monkeypatch.setattr(freecus, "DEFAULT_STEPS", {"dev": 2, "schnell": 2})
-    if not (tiny.TRAINED / "model_index.json").is_file():
-        monkeypatch.setattr(tiny, "TRAINED", tiny.tiny_repo("dev"))
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
 

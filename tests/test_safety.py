@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from conftest import ROOT
 from minidit import validate
-from minidit.cli import main, save_images
+from minidit.cli import main
+from minidit.cli.record import save_images
 from minidit.image import load_image, load_mask, output_paths, save_png
 from minidit.loading import CheckpointError, check_config, find_safetensors, load_streaming, open_checkpoint
 from minidit.weights.tiny import write_tiny_repo
@@ -105,15 +106,15 @@ def test_directory_output_numbers_and_never_overwrites(tmp_path):
 def test_batch_failure_says_what_was_written(tmp_path, monkeypatch):
     pipe = SimpleNamespace(default_steps=4, variant="dev", name="tiny")
     args = SimpleNamespace(output=str(tmp_path / "o.png"), prompt="x", seed=0, steps=None, guidance=3.5)
-    import minidit.image as image
-    real, calls = image.save_png, []
+    from minidit.cli import record
+    real, calls = record.save_png, []
 
     def second_fails(img, path, *a, **k):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
         return real(img, path, *a, **k)
-    monkeypatch.setattr(image, "save_png", second_fails)
+    monkeypatch.setattr(record, "save_png", second_fails)
     with pytest.raises(OSError, match=r"image 2 of 2 .*No space left.*written before: .*o-0.png"):
         save_images([Image.new("RGB", (16, 16))] * 2, args, pipe, "generate")
     assert sorted(os.listdir(tmp_path)) == ["o-0.png"]
@@ -185,7 +186,7 @@ def test_method_api_checks_every_option_before_any_work(repo, monkeypatch):
 
     def tripwire(*a, **k):
         raise AssertionError("a model ran before the bad option was reported")
-    monkeypatch.setattr(pipe, "_use", tripwire)
+    monkeypatch.setattr(pipe, "use", tripwire)
     img = Image.new("RGB", (32, 32), (200, 40, 40))
     ref = Reference(img, (0, 0, 16, 16))
     nan, inf = float("nan"), float("inf")
@@ -315,7 +316,7 @@ def test_fifo_shard_is_refused_without_opening(tmp_path):
 
 
 def test_hf_cache_ref_cannot_point_outside(tmp_path):
-    from minidit.pipeline import resolve_weights
+    from minidit.repository import resolve_weights
     repo = tmp_path / "models--org--name"
     (repo / "snapshots" / "abc").mkdir(parents=True)
     (repo / "refs").mkdir()
@@ -421,10 +422,10 @@ def test_usage_errors_are_one_line_exit_1(tmp_path, capsys):
 
 
 def test_negative_numbers_parse(tmp_path, monkeypatch):
-    from minidit import cli
+    from minidit.cli import args as cli_args
     seen = {}
-    monkeypatch.setattr(cli, "cmd_outpaint", lambda a: seen.update(offset=a.offset))
-    monkeypatch.setattr(cli, "cmd_personalize", lambda a: seen.update(off=a.offset))
+    monkeypatch.setattr(cli_args, "cmd_outpaint", lambda a: seen.update(offset=a.offset))
+    monkeypatch.setattr(cli_args, "cmd_personalize", lambda a: seen.update(off=a.offset))
     main(["outpaint", "--prompt", "x", "--image", "i.png", "--canvas", "64x64", "--offset", "-16,0"])
     main(["personalize", "--prompt", "x", "--ref", "r.png", "--offset", "-16,-32", "--offset", "16,0"])
     assert seen == {"offset": "-16,0", "off": ["-16,-32", "16,0"]}
@@ -482,10 +483,11 @@ def test_sigterm_during_a_write_leaves_the_old_file(tmp_path):
 import sys, time
 from PIL import Image
 from minidit import cli, image
+from minidit.cli import args
 def slow_save(self, fp, *a, **k):
     fp.write(b"partial"); fp.flush(); print("writing", flush=True); time.sleep(60)
 Image.Image.save = slow_save
-cli.cmd_info = lambda args: image.save_png(Image.new("RGB", (16, 16)), {str(out)!r})
+args.cmd_info = lambda a: image.save_png(Image.new("RGB", (16, 16)), {str(out)!r})
 cli.main(["info", "x"])
 """
     p = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

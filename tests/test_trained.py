@@ -87,7 +87,7 @@ def test_diffusers_reads_the_trained_repository_and_draws_the_same(pipe):
     """The trained files are a FLUX.1 repository in the official layouts: diffusers' FluxPipeline loads the
     folder (transformer/, vae/, text encoders, scheduler) and, with the same generator, draws the same image."""
     import diffusers
-    from minidit.weights.tiny import builtin_repo
+    from minidit.repository import builtin_repo
     theirs = diffusers.FluxPipeline.from_pretrained(builtin_repo(), dtype=torch.float32)
     theirs.set_progress_bar_config(disable=True)
     kw = dict(height=256, width=256, num_inference_steps=8, negative_prompt="", true_cfg_scale=4.0)

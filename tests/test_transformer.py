@@ -7,7 +7,8 @@ from diffusers import FluxTransformer2DModel
 from safetensors.torch import save_file
 
 from minidit.loading import CheckpointError
-from minidit.transformer import Flux, FluxConfig, load_transformer
+from minidit.flux_loading import load_transformer
+from minidit.transformer import Flux, FluxConfig
 from minidit.weights.tiny_flux import TINY, random_state_dict, write_tiny_flux
 
 

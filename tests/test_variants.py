@@ -7,7 +7,8 @@ from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpo
 from test_transformer import inputs, run_diffusers, run_minidit
 
 from minidit.loading import CheckpointError
-from minidit.transformer import Flux, FluxConfig, find_transformer, load_transformer
+from minidit.flux_loading import find_transformer, load_transformer
+from minidit.transformer import Flux, FluxConfig
 from minidit.weights.tiny_flux import TINY, VARIANTS, random_state_dict, save_bfl, write_tiny_variant
 
 EXPECTED = {"dev": ("dev", 64), "schnell": ("schnell", 64), "fill": ("fill", 384), "depth": ("control", 128),

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from minidit.autoencoder import load_autoencoder
 from minidit.loading import open_checkpoint
-from minidit.transformer import load_transformer
+from minidit.flux_loading import load_transformer
 
 from .tiny_flux import save_bfl, save_diffusers
 

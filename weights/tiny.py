@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from minidit import files
 from minidit.autoencoder import AutoEncoderConfig
 
 from .tiny_ae import write_tiny_ae
@@ -79,11 +80,19 @@ STALE_S = 600  # a temporary folder older than this is from a killed first run
 
 def _intact(root: Path) -> bool:
     """Every file the manifest lists is there with its size (a cheap stat each, no hashing)."""
-    try:
-        files = json.loads((root / MANIFEST).read_text())
-        return all((root / rel).stat().st_size == size for rel, size in files.items())
-    except (OSError, ValueError, AttributeError):
+    try:  # the guarded reader: a FIFO or a huge file in the cache is refused from its stat, never opened
+        listed = files.read_json(root / MANIFEST, "tiny checkpoint manifest")
+        return all(isinstance(size, int) and files.regular(root / plain_path(rel), rel) == size
+                   for rel, size in listed.items())
+    except ValueError:  # missing, damaged, or a listed path that is not a plain one inside the folder
         return False
+
+
+def plain_path(rel: str) -> str:
+    """A relative path inside the cache folder (no absolute path, no '..'), as the manifest must list them."""
+    if not isinstance(rel, str) or os.path.isabs(rel) or ".." in Path(rel).parts or "\0" in rel:
+        raise ValueError(f"{rel!r} is not a path inside the cache folder")
+    return rel
 
 
 def _clean_stale(root: Path) -> None:
@@ -127,16 +136,3 @@ def tiny_repo(variant: str = "dev") -> Path:
     return root
 
 
-TRAINED = Path(__file__).resolve().parent / "trained"
-TRAINED_NAME = "minidit-tiny (trained on the procedural world, weights/trained)"
-# what the built-in trained model is used with when a command does not say (see weights/README.md)
-TRAINED_DEFAULTS = {"height": 256, "width": 256, "true_cfg_scale": 4.0, "negative_prompt": ""}
-
-
-def builtin_repo() -> Path:
-    """The default checkpoint of every command: the tiny FLUX.1 trained on the procedural world (weights/world.py,
-    weights/train_tiny.py), shipped with the package as a FLUX.1 repository folder in the official layouts."""
-    if not (TRAINED / "model_index.json").is_file():
-        raise FileNotFoundError(f"the built-in trained tiny checkpoint is missing from the installation ({TRAINED}); "
-                                "reinstall minidit or pass --weights")
-    return TRAINED

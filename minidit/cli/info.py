@@ -9,7 +9,8 @@ from collections import Counter
 from math import prod
 from pathlib import Path
 
-from .loading import CheckpointError, LazyStateDict, check_regular, find_safetensors, read_json
+from ..loading import CheckpointError, LazyStateDict, check_regular, find_safetensors, read_json
+from ..repository import resolve_weights
 
 COMPONENTS = [  # (name, candidates relative to the root, what it is)
     ("transformer", ["flux1-dev.safetensors", "flux1-schnell.safetensors", "flux1-*.safetensors", "transformer"], "FLUX MMDiT"),
@@ -31,8 +32,9 @@ def _find(root: Path, candidates: list[str]) -> Path | None:
 
 def _check_small_files(p: Path) -> None:
     """The JSON and tokenizer files of a component: parse the JSON, check the rest are non-empty files."""
-    files = [p] if p.is_file() else sorted(p.iterdir())
-    for f in files:
+    if not p.is_dir():  # a FIFO or device where a file belongs: refused from its stat, never opened
+        check_regular(p, p.name)
+    for f in sorted(p.iterdir()) if p.is_dir() else [p]:
         if f.suffix == ".json" and not f.name.endswith(".safetensors.index.json"):
             read_json(f, f.name)
         elif f.name in ("merges.txt", "spiece.model", "vocab.json"):
@@ -43,13 +45,8 @@ def _check_small_files(p: Path) -> None:
         raise CheckpointError(f"{p.parent}: vocab.json without merges.txt")
 
 
-def describe(path: str | Path) -> str:
-    return inspect(path)[0]
-
-
 def inspect(path: str | Path) -> tuple[str, bool]:
     """-> (the report, whether the folder is complete and every cheap check passed)."""
-    from .pipeline import resolve_weights
     root = resolve_weights(path)
     lines = [f"weights: {root}"]
     missing = []

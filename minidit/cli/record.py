@@ -1,8 +1,9 @@
-"""What the CLI records in every PNG so that the image can be made again, and how it re-reads it.
+"""What the CLI records in every PNG so that the image can be made again, how it re-reads it, and the CLI's
+image loop that samples, records and saves every image.
 
     jobs(args)                      # [(prompt, seed), ...]: every --prompt / --prompt-file line x every seed + i
-    rec = record(args, pipe, "generate", prompt, seed, image, index, extra)     # one image's dict
-    pnginfo(rec)                    # -> PNG text chunks: A1111-style "parameters" and the JSON chunk "minidit"
+    rec = record(args, pipe, "generate", prompt, seed, image, weights, extra)   # one image's dict
+    add_chunks(info, rec)           # -> PNG text chunks: A1111-style "parameters" and the JSON chunk "minidit"
     read_png("out.png")             # -> the JSON record; `minidit generate --from-png out.png` re-runs it
 
 Seeds (README "Seeds"): without --seed a random one is drawn and printed; in the CLI image i of a batch uses
@@ -19,9 +20,15 @@ import hashlib
 import json
 import secrets
 import sys
+import time
 from pathlib import Path
 
-from . import __version__
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .. import __version__, attention
+from ..image import output_paths, save_numbered, save_png
+from ..repository import WeightPaths, builtin_repo, resolve_weights, shipped
 
 JSON_KEY = "minidit"  # the JSON chunk; "parameters" holds the A1111-style text
 SEED_RANGE = 2 ** 32  # random seeds are drawn from [0, 2^32), as A1111 and BFL's CLI do
@@ -95,9 +102,7 @@ def fingerprint(paths: list[Path]) -> str:
 
 def weight_paths(args) -> dict[str, Path]:
     """The file or folder every component is read from (as Pipeline.load finds them)."""
-    from .pipeline import WeightPaths, resolve_weights
     if args.weights is None and not component_files(args):
-        from .weights.tiny import builtin_repo
         root = builtin_repo()
     elif args.weights is None:
         root = Path(component_files(args)["transformer"]).parent
@@ -158,14 +163,13 @@ def _jsonable(v) -> bool:
 def record(args, pipe, command: str, prompt: str, seed: int, image, weights: dict, extra: dict | None = None) -> dict:
     """Everything that changes the pixels of one image: weights identity, dtype, device type, attention backend,
     seed, steps, guidance, true CFG, size, the resolved method settings (`extra`), inputs with hashes."""
-    from . import attention
     steps = pipe.default_steps if args.steps is None else args.steps
     rec = {"minidit_version": __version__, "command": command, "prompt": prompt,
            "negative_prompt": getattr(args, "negative_prompt", None), "true_cfg": getattr(args, "true_cfg", 1.0),
            "seed": seed, "steps": steps, "guidance": args.guidance if pipe.variant == "dev" else None,
            "width": image.width, "height": image.height, "variant": pipe.variant,
            "dtype": str(pipe.dtype).removeprefix("torch."), "device": pipe.device.type,
-           "attention": attention._backend or "auto", "weights": {k: weights[k] for k in ("weights", "files", "fingerprint")},
+           "attention": attention.backend(), "weights": {k: weights[k] for k in ("weights", "files", "fingerprint")},
            "inputs": inputs(args), "settings": extra or {}, "args": rerun_args(args, prompt, seed)}
     return rec
 
@@ -202,7 +206,6 @@ def add_chunks(info, rec: dict) -> None:
 
 def read_png(path) -> dict:
     """The JSON record of a minidit PNG; a named error for anything else."""
-    from PIL import Image
     try:
         with Image.open(path) as im:
             text = dict(getattr(im, "text", {}))
@@ -234,12 +237,48 @@ def plan(args) -> list[tuple[str, int]]:
     return todo
 
 
+def save_images(images, args, pipe, command: str, extra: dict | None = None,
+                records: list[dict] | None = None) -> list[Path]:
+    """Save PNGs with their generation parameters as text chunks, like other image tools do. Each file is
+    written atomically; if one fails, the error says which were written. `records` (minidit.metadata.record,
+    one per image) are written as the A1111 "parameters" text and the "minidit" JSON chunk."""
+    plan = getattr(args, "outputs", None)
+    if plan is None or (isinstance(plan, list) and len(plan) != len(images)):  # planned for another count
+        plan = output_paths(args.output, len(images))
+    steps = pipe.default_steps if args.steps is None else args.steps
+    meta = {"prompt": args.prompt, "seed": args.seed, "steps": steps,
+            "guidance": args.guidance if pipe.variant == "dev" else "none (schnell)",
+            "size": f"{images[0].width}x{images[0].height}", "model": pipe.name, "variant": pipe.variant,
+            "command": command, "minidit_version": __version__, **(extra or {})}
+    written: list[Path] = []
+    paths = [plan] * len(images) if isinstance(plan, Path) else plan
+    for i, (img, path) in enumerate(zip(images, paths)):
+        info = PngInfo()
+        rec = records[i] if records else None
+        for k, v in {**meta, "image_index": i, **({"prompt": rec["prompt"], "seed": rec["seed"]} if rec else {})}.items():
+            info.add_text(k, str(v))
+        if rec is not None:
+            add_chunks(info, rec)
+        else:
+            info.add_text("parameters", json.dumps({**meta, "image_index": i}))
+        try:
+            if isinstance(plan, Path):
+                path = save_numbered(img, plan, command, info)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_png(img, path, info)
+        except OSError as e:
+            done = ", ".join(map(str, written)) or "none"
+            raise OSError(f"cannot write image {i + 1} of {len(images)} to {path} ({e.strerror or e}); "
+                          f"written before: {done}") from None
+        written.append(path)
+        say(args, f"wrote {path}")
+    return written
+
+
 def run(args, pipe, command: str, todo, sample, extra: dict | None = None, t0: float | None = None) -> list:
     """Sample every (prompt, seed) alone (`sample(prompt, seed)` -> [PIL image]), record and save each one,
     then one closing line with the time taken and the files written."""
-    import time
-
-    from .cli import save_images
     weights = weights_record(args)
     if getattr(args, "random_seed", False):
         say(args, f"seed {args.seed[0]} (random; pass --seed {args.seed[0]} to repeat)")
@@ -271,9 +310,7 @@ def check_weights(args):
     if args.weights is not None or not files:
         return args.weights
     if "tokenizer" not in files:  # CLIP-L's vocabulary ships with minidit
-        args.clip_tokenizer = str(Path(__file__).resolve().parent / "weights" / "clip_tokenizer")
-        if not Path(args.clip_tokenizer).is_dir():  # a source checkout: weights/ beside the package
-            args.clip_tokenizer = str(Path(__file__).resolve().parents[1] / "weights" / "clip_tokenizer")
+        args.clip_tokenizer = str(shipped("clip_tokenizer"))
     what = {"transformer": "--transformer (models/unet/flux1-dev.safetensors)",
             "ae": "--ae (models/vae/ae.safetensors)", "text_encoder_2": "--t5 (models/clip/t5xxl_fp16.safetensors)",
             "text_encoder": "--clip (models/clip/clip_l.safetensors)",
@@ -287,7 +324,6 @@ def check_weights(args):
 def from_png(args, parser) -> object:
     """`minidit COMMAND --from-png PNG [options]`: the recorded options of that image, except those given here
     with a value other than their default; refuses another command's PNG, changed inputs, and overwriting it."""
-    import argparse
     rec = read_png(args.from_png)
     if rec.get("command") != args.command:
         raise ValueError(f"--from-png {args.from_png}: made by `minidit {rec.get('command')}`; re-run it with "
@@ -295,7 +331,7 @@ def from_png(args, parser) -> object:
     if Path(args.output).resolve() == Path(args.from_png).resolve():
         raise ValueError(f"--output {args.output}: would overwrite the --from-png image; pass another --output")
     check_inputs_unchanged(rec)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    sub = parser.subcommands[args.command]
     for dest, value in rec["args"].items():
         if dest in vars(args) and getattr(args, dest) == sub.get_default(dest):
             setattr(args, dest, value)
