@@ -10,6 +10,7 @@ from PIL import Image
 from minidit.eval.cases import make_cases, parse_prompts_and_classes, read_dreambench, with_captions, with_masks
 from minidit.eval.command import main
 from minidit.eval.methods import parse_methods
+from minidit.eval.report import stats
 from minidit.weights.tiny_metrics import write_tiny_dino
 
 from conftest import SHARED
@@ -128,3 +129,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (out / "keep.txt").write_text("mine")
     msg = _error(["--dreambench", str(root), "--subjects", "dog", "--out", str(out)])
     assert "not empty and not an evaluation folder" in msg and (out / "keep.txt").read_text() == "mine"
+
+
+def test_interval_is_the_normal_approximation():
+    s = stats([0.0, 1.0, 2.0, 3.0])
+    half = 1.959963984540054 * (5 / 3) ** 0.5 / 2  # z · s / √n, s² = 5/3
+    assert s["mean"] == 1.5 and s["count"] == 4
+    assert abs(s["ci95"][0] - (1.5 - half)) < 1e-12 and abs(s["ci95"][1] - (1.5 + half)) < 1e-12
+    assert stats([0.7])["ci95"] is None

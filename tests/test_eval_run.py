@@ -68,6 +68,8 @@ def test_one_process_results(single):
     assert rows["plain"]["count"] == 4 and len(rows["plain"]["clip_t"]["ci95"]) == 2
     assert "| personalize:official | 4 |" in (single / "metrics.md").read_text()
     from PIL import Image
+    with Image.open(single / "tradeoff.png") as im:  # CLIP-T vs CLIP-I / DINO, the world's two panels
+        assert im.size == (4 * 460, 360)
     with Image.open(single / first["file"]) as im:
         rec = json.loads(im.text["minidit-eval"])
     assert rec["row"] == "plain" and rec["seed"] == first["seed"] and rec["prompt"] == first["prompt"]

@@ -150,10 +150,12 @@ def parse_methods(text: str) -> list[Row]:
 
 def generate(pipe, row: Row, reference: Reference, prompt: str, caption: str, seed: int, height: int, width: int,
              steps: int, guidance: float):
-    """One image of one row (the entry points' own signatures; one image, one seed)."""
+    """One image of one row (the entry points' own signatures; one image, one seed). Every row samples alike:
+    the same size, steps and guidance, and no true CFG (the methods have none; a model's own default true CFG,
+    e.g. the built-in model's 4, is not used for plain generation either)."""
     common = dict(height=height, width=width, steps=steps, guidance=guidance, seed=seed)
     if row.method == "plain":
-        return pipe.generate(prompt, **common)[0]
+        return pipe.generate(prompt, **common, true_cfg_scale=1.0)[0]
     if row.method == "personalize":
         return pipe.personalize(prompt, reference, preset=row.settings(), **common)[0]
     if row.method == "freecus":

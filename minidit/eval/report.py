@@ -122,8 +122,9 @@ def plot(summary: list[dict], path: Path) -> None:
             draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=c)
             label = e["row"].replace("personalize", "PA").replace("freecus", "FreeCus")[:34]
             w = draw.textlength(label, font=font)
+            lx = px + 6 if px + 6 + w < x0 + W - 2 else px - 6 - w  # right of the point, or left at the edge
             for dy in (0, 11, -11, 22, -22, 33, -33, 44, -44, 55, -55):
-                box = (px + 6, py - 6 + dy, px + 6 + w, py + 5 + dy)
+                box = (lx, py - 6 + dy, lx + w, py + 5 + dy)
                 if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
                     break
             placed.append(box)
