@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from .. import validate
 from ..loading import CheckpointError
 from ..masks import Reference, load_reference, require_nonempty, token_mask_rule
@@ -130,7 +132,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def check_masks(subjects, rows, height: int | None, width: int | None) -> None:
     """Every subject mask has a token at the generated size under each row's mask rule (else the method would
     fail midway, after the models loaded)."""
-    import torch
     rules = sorted({r.settings().mask_rule for r in rows if r.method != "plain"})
     for s in subjects:
         if s.mask is None or not rules:

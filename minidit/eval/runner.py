@@ -30,12 +30,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .. import __version__
 from ..image import save_png
 from ..masks import Reference
+from ..pipeline import Pipeline
 from . import methods, report
 from .cases import Case, Subject, image_size
 from .metrics import ClipMetric, DinoMetric, cosine
@@ -154,7 +156,6 @@ def init_distributed(device: torch.device) -> bool:
     0 waits at the second one for the slowest rank's whole share."""
     if rank_and_size()[1] == 1:
         return False
-    import torch.distributed as dist
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(days=7))
     return True
@@ -162,7 +163,6 @@ def init_distributed(device: torch.device) -> bool:
 
 def barrier(active: bool, device: torch.device) -> None:
     if active:
-        import torch.distributed as dist
         dist.barrier(device_ids=[device.index or 0]) if device.type == "cuda" else dist.barrier()
 
 
@@ -318,7 +318,6 @@ def run(plan: Plan) -> dict | None:
             check_out(plan)  # again, now that every rank has checked: still this run or new
             prepare_out(plan)
         barrier(active, device)
-        from ..pipeline import Pipeline
         pipe = Pipeline.load(plan.weights, device=device, dtype=DTYPES[plan.dtype] if plan.dtype else None)
         steps = plan.steps or pipe.default_steps
         scorer = Scorer(plan, device)
@@ -332,7 +331,6 @@ def run(plan: Plan) -> dict | None:
         return None
     finally:
         if active:
-            import torch.distributed as dist
             dist.destroy_process_group()
 
 
