@@ -73,6 +73,16 @@ def test_one_process_results(single):
     with Image.open(single / first["file"]) as im:
         rec = json.loads(im.text["minidit-eval"])
     assert rec["row"] == "plain" and rec["seed"] == first["seed"] and rec["prompt"] == first["prompt"]
+    # any image can be made again alone from its PNG's record
+    from minidit.eval.runner import remake
+    one = next((single / "images" / "freecus-paper_no-ans").rglob("*.png"))
+    threads = torch.get_num_threads()
+    try:
+        again = remake(one)
+    finally:
+        torch.set_num_threads(threads)
+    with Image.open(one) as im:
+        assert again.tobytes() == im.convert("RGB").tobytes()
     # distinct methods give distinct pixels (the rows really ran what they say)
     a, b = (single / "images" / "plain").rglob("*.png"), (single / "images" / "personalize-official").rglob("*.png")
     assert next(a).read_bytes() != next(b).read_bytes()

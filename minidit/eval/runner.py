@@ -8,8 +8,8 @@ Work units are (subject, row) pairs in a fixed order (subjects as listed, rows a
 the ranks: unit k goes to rank k mod WORLD_SIZE. A unit holds all of one subject's prompts and seeds for one
 row, so whatever a method could compute once per reference (issue 27 item 4: the inversion, the reference's
 keys/values) stays inside one rank's loop over the unit (`run_unit`); today every image still computes it.
-Each image is written atomically (minidit.image.save_png) as OUT/images/<row>/<subject>/<prompt>_s<seed>.png,
-then its scores are appended as one JSON line to OUT/parts/<row>/<subject>.jsonl. A killed run resumes: an image
+Each image is written atomically (minidit.image.save_png) as OUT/images/<row>/<subject>/<prompt>_s<seed>.png
+with its record in a "minidit-eval" PNG chunk (`remake(png)` makes it again alone), then its scores are appended as one JSON line to OUT/parts/<row>/<subject>.jsonl. A killed run resumes: an image
 whose PNG exists is never generated again (scored again from the PNG if its line was lost), a torn last line is
 dropped. Rank 0 then merges every unit's lines in the plan's order into OUT/cases.jsonl and writes the report
 (report.py), so the result does not depend on how many ranks made it — provided the pixels do not either: the
@@ -21,6 +21,8 @@ device type, threads, metric checkpoints); an OUT holding another run is refused
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import sys
@@ -223,21 +225,55 @@ def read_lines(path: Path) -> dict[str, dict]:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def png_info(plan: Plan, row: methods.Row, case: Case, seed: int, size: tuple[int, int], steps: int,
-             pipe_name: str) -> PngInfo:
-    """The image's record: an A1111-style "parameters" text and a JSON chunk with the row, settings and case."""
+             pipe) -> PngInfo:
+    """The image's record: an A1111-style "parameters" text and a JSON chunk with the row, settings and case
+    (the reference and mask files with their hashes), enough to make the image again alone."""
     s = case.subject
+    pipe_name = pipe.name
     rec = {"minidit_version": __version__, "method": row.method, "row": row.label, "settings": row.record(),
            "prompt": case.prompt, "caption": s.subject_caption if row.method == "freecus" and row.caption else None,
            "seed": seed, "steps": steps, "guidance": plan.guidance, "height": size[0], "width": size[1],
-           "weights": plan.weights or "built-in", "model": pipe_name, "dtype": plan.dtype, "threads": plan.threads,
-           "subject": s.name, "reference": plan.shown(s.reference),
-           "mask": s.mask_record if not isinstance(s.mask, str) else plan.shown(s.mask)}
+           "weights": plan.weights or "built-in", "model": pipe_name, "dtype": str(pipe.dtype).removeprefix("torch."),
+           "device": pipe.device.type, "threads": plan.threads, "subject": s.name,
+           "reference": plan.shown(s.reference), "reference_sha256": file_sha256(s.reference),
+           "mask": s.mask_record if not isinstance(s.mask, str) else plan.shown(s.mask),
+           "mask_sha256": file_sha256(s.mask) if isinstance(s.mask, str) else None}
     info = PngInfo()
     info.add_text("parameters", f"{case.prompt}\nSteps: {steps}, Seed: {seed}, Size: {size[1]}x{size[0]}, "
                                 f"Method: {row.label}, Model: {pipe_name}, Version: minidit {__version__}")
     info.add_text(JSON_KEY, json.dumps(rec))
     return info
+
+
+def remake(png: str | Path, out: str | Path | None = None, device: str | None = None) -> Image.Image:
+    """The image a PNG of an evaluation records, made again alone from its JSON chunk (row, settings, prompt,
+    caption, seed, size, steps, guidance, weights, reference and mask; paths relative to `out`, default the
+    folder above images/). Pins the recorded thread count, as the run did; refuses a changed reference or mask."""
+    with Image.open(png) as im:
+        rec = json.loads(im.text[JSON_KEY])
+    root = Path(out) if out is not None else Path(png).resolve().parents[3]
+    files = {k: (root / rec[k] if not Path(rec[k]).is_absolute() else Path(rec[k])) for k in ("reference", "mask")}
+    for k in ("reference", "mask"):
+        if rec.get(f"{k}_sha256") and file_sha256(str(files[k])) != rec[f"{k}_sha256"]:
+            raise ValueError(f"{png}: the {k} {files[k]} has changed since the image was made")
+    if rec.get("mask_sha256"):
+        mask = str(files["mask"])                                  # a mask file
+    elif rec["mask"] == "whole image":
+        mask = None
+    else:
+        mask = tuple(int(v) for v in rec["mask"].split(","))       # a box x,y,w,h
+    (row,) = methods.parse_methods(rec["row"])
+    torch.set_num_threads(rec["threads"])
+    pipe = Pipeline.load(None if rec["weights"] == "built-in" else rec["weights"], device=device,
+                         dtype=getattr(torch, rec["dtype"]))
+    return methods.generate(pipe, row, Reference(str(files["reference"]), mask), rec["prompt"], rec["caption"] or "",
+                            rec["seed"], rec["height"], rec["width"], rec["steps"], rec["guidance"])
 
 
 def run_unit(plan: Plan, pipe, scorer: Scorer, subject: Subject, row: methods.Row, steps: int, progress) -> None:
@@ -257,7 +293,7 @@ def run_unit(plan: Plan, pipe, scorer: Scorer, subject: Subject, row: methods.Ro
             path.parent.mkdir(parents=True, exist_ok=True)
             image = methods.generate(pipe, row, reference, case.prompt, subject.subject_caption, seed, height,
                                      width, steps, plan.guidance)
-            save_png(image, path, png_info(plan, row, case, seed, (height, width), steps, pipe.name))
+            save_png(image, path, png_info(plan, row, case, seed, (height, width), steps, pipe))
             made = True
         if file not in done:
             with Image.open(path) as im:
