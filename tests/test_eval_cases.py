@@ -137,3 +137,16 @@ def test_interval_is_the_normal_approximation():
     assert s["mean"] == 1.5 and s["count"] == 4
     assert abs(s["ci95"][0] - (1.5 - half)) < 1e-12 and abs(s["ci95"][1] - (1.5 + half)) < 1e-12
     assert stats([0.7])["ci95"] is None
+
+
+def test_a_longer_limit_resumes_the_same_out(tmp_path):
+    """--limit is not part of a run's identity: a quick run's OUT grows into the full run; other options are."""
+    from minidit.eval.command import build_parser, make_plan
+    from minidit.eval.runner import prepare_out
+    out = tmp_path / "out"
+    base = ["--dreambench", str(DREAMBENCH), "--subjects", "dog,can", "--out", str(out)]
+    prepare_out(make_plan(build_parser().parse_args(base + ["--limit", "2"])))
+    assert (out / "run.json").is_file()
+    plan = make_plan(build_parser().parse_args(base))  # no error: the same run, all 50 cases
+    assert len(plan.cases) == 50
+    assert "seeds" in _error(base + ["--seeds", "1"])
