@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -64,9 +66,10 @@ def open_image(src: str | Path | Image.Image, what: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                check_side(im, f"{what} {path}")  # from the header, before any pixel is decoded
-                im.load()
-                return ImageOps.exif_transpose(im)  # a new, loaded image either way
+                if max(im.size) <= MAX_SIDE:  # from the header, before any pixel is decoded
+                    im.load()
+                    return ImageOps.exif_transpose(im)  # a new, loaded image either way
+                size = im.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError(f"{what} {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, refused as a possible "
                          "decompression bomb (raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine)") from None
@@ -74,13 +77,14 @@ def open_image(src: str | Path | Image.Image, what: str) -> Image.Image:
         raise ValueError(f"{what} {path}: not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise ValueError(f"{what} {path}: corrupt or truncated image ({e})") from None
+    raise ValueError(f"{what} {path}: {size[0]}x{size[1]} pixels, more than {MAX_SIDE} per side; refused before "
+                     "decoding it (resize it first)")
 
 
 def check_side(im: Image.Image, what: str) -> None:
     """An input image's own size against validate.MAX_SIDE pixels per side (read from its header)."""
     if max(im.size) > MAX_SIDE:
-        raise ValueError(f"{what}: {im.width}x{im.height} pixels, more than {MAX_SIDE} per side; refused before "
-                         "decoding it (resize it first)")
+        raise ValueError(f"{what}: {im.width}x{im.height} pixels, more than {MAX_SIDE} per side (resize it first)")
 
 
 def _size(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -205,12 +209,48 @@ def _mask_values(img: Image.Image, src) -> Tensor:
     return _grey(img)
 
 
-def output_paths(output: str | Path, n: int) -> list[Path] | Path:
+class NumberedPaths(Sequence):
+    """The output files of `n` images, NAME.png for one or NAME-0.png ... NAME-{n-1}.png, made on demand: a plan of
+    10^6 images costs no memory. Compares equal to the list of the same paths."""
+
+    def __init__(self, out: Path, n: int):
+        self.out, self.n = out, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"NumberedPaths({str(self.out)!r}, {self.n})"
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.out if self.n == 1 else self.out.with_name(f"{self.out.stem}-{i % self.n}{self.out.suffix}")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, tuple, NumberedPaths)) and len(other) == self.n and list(self) == list(other)
+
+    def taken(self) -> list[Path]:
+        """The planned paths that exist now, from one listing of the folder (not one stat per image)."""
+        if self.n == 1:
+            return [self.out] if os.path.lexists(self.out) else []
+        pattern = re.compile(re.escape(self.out.stem) + r"-(0|[1-9][0-9]*)" + re.escape(self.out.suffix))
+        try:
+            names = os.listdir(self.out.parent if str(self.out.parent) else ".")
+        except FileNotFoundError:
+            return []
+        return [self.out.with_name(name) for name in sorted(names)
+                if (m := pattern.fullmatch(name)) and int(m.group(1)) < self.n]
+
+
+def output_paths(output: str | Path, n: int) -> NumberedPaths | Path:
     """Where `n` images go, decided before any work. A directory (an existing one, or a path ending in '/')
-    comes back as a Path: images get numbered names in it (`save_numbered`, never overwriting). Otherwise a
-    list of .png paths (".png" added when there is no suffix): one image at the path, several as NAME-0.png,
-    NAME-1.png, ... Each must be absent or a regular file: a symlink (never written through), a directory, a
-    FIFO or device is refused; its folder must be, or be creatable inside, a writable directory."""
+    comes back as a Path: images get numbered names in it (`save_numbered`, never overwriting). Otherwise the
+    NumberedPaths of .png files (".png" added when there is no suffix): one image at the path, several as
+    NAME-0.png, NAME-1.png, ... Each must be absent or a regular file: a symlink (never written through), a
+    directory, a FIFO or device is refused; its folder must be, or be creatable inside, a writable directory."""
     text = os.fspath(output)
     out = Path(text)
     if text.endswith(("/", os.sep)) or out.is_dir():
@@ -223,13 +263,13 @@ def output_paths(output: str | Path, n: int) -> list[Path] | Path:
     if out.suffix.lower() not in ("", ".png"):
         raise ValueError(f"--output must be a .png file (the parameters are stored as PNG text), got {text}")
     out = out if out.suffix else out.with_suffix(".png")
-    paths = [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
-    for p in paths:
+    _check_folder(out.parent, text)
+    paths = NumberedPaths(out, n)
+    for p in paths.taken():
         if p.is_symlink():
             raise ValueError(f"--output {p}: is a symbolic link; refusing to write through or replace it")
-        if os.path.lexists(p) and not p.is_file():
+        if not p.is_file():
             raise ValueError(f"--output {p}: exists and is not a regular file")
-    _check_folder(out.parent, text)
     return paths
 
 
@@ -243,14 +283,15 @@ def _check_folder(folder: Path, what: str) -> None:
         raise ValueError(f"--output {what}: the folder {p} is not writable")
 
 
-def save_numbered(img: Image.Image, folder: Path, stem: str, pnginfo=None) -> Path:
-    """Save as folder/STEM-NNNN.png with the first free number (claimed atomically: never overwrites)."""
+def save_numbered(img: Image.Image, folder: Path, stem: str, pnginfo=None, tag: str = "") -> Path:
+    """Save as folder/STEM-NNNN{tag}.png (the CLI's tag: "-sSEED") with the first free number NNNN (claimed
+    atomically: never overwrites)."""
     folder.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.stem.rsplit("-", 1)[1]) for p in folder.glob(f"{stem}-[0-9][0-9][0-9][0-9].png")]
+    taken = [int(p.name[len(stem) + 1:len(stem) + 5]) for p in folder.glob(f"{stem}-[0-9][0-9][0-9][0-9]*.png")]
     k = max(taken, default=-1) + 1
     while True:
         try:
-            return save_png(img, folder / f"{stem}-{k:04d}.png", pnginfo, exclusive=True)
+            return save_png(img, folder / f"{stem}-{k:04d}{tag}.png", pnginfo, exclusive=True)
         except FileExistsError:
             k += 1
 

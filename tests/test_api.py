@@ -270,7 +270,7 @@ def test_cli_img2img(tmp_path, repos):
           "--strength", "0.5", "--steps", "2", "--output", str(tmp_path / "o.png")])
     im = Image.open(tmp_path / "o.png")
     assert im.size == (48, 32) and im.text["command"] == "img2img" and im.text["strength"] == "0.5"
-    assert im.text["image"] == str(tmp_path / "in.png")
+    assert im.text["image"] == "in.png"  # the file's name, not where it is (issue 25 item 4)
 
 
 def test_python_dash_m_minidit():

@@ -46,7 +46,8 @@ def test_from_png_reproduces_image_i_of_a_batch_exactly(repo, tmp_path):
     text = Image.open(tmp_path / "o-1.png").text["parameters"]  # A1111: prompt line, then "Key: value, ..."
     assert text.splitlines()[0] == "a red cube" and "Steps: 1, " in text and "Seed: 6, " in text
     assert "Size: 16x16" in text and f"Model hash: {rec['weights']['fingerprint']}" in text
-    main(["generate", "--from-png", str(tmp_path / "o-1.png"), "--output", str(tmp_path / "again.png")])
+    main(["generate", "--from-png", str(tmp_path / "o-1.png"), "--weights", str(repo),  # weights: never from a PNG
+          "--output", str(tmp_path / "again.png")])
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "o-1.png"))  # image 1 alone, seed 6
     assert not np.array_equal(pixels(tmp_path / "o-0.png"), pixels(tmp_path / "o-1.png"))
     assert read_png(tmp_path / "again.png")["args"] == rec["args"]
@@ -58,7 +59,7 @@ def test_from_png_refusals_come_before_loading(repo, tmp_path, monkeypatch):
     main(["img2img", "--weights", str(repo), "--image", str(x), "--prompt", "p", "--seed", "1", "--steps", "1",
           "--output", str(tmp_path / "o.png")])
     rec = read_png(tmp_path / "o.png")
-    assert rec["inputs"]["image"][0]["file"] == str(x) and len(rec["inputs"]["image"][0]["sha256"]) == 16
+    assert rec["inputs"]["image"][0]["file"] == "in.png" and len(rec["inputs"]["image"][0]["sha256"]) == 16
     assert rec["settings"]["strength"] == 0.6
     from minidit.pipeline import Pipeline
     monkeypatch.setattr(Pipeline, "load", lambda *a, **k: pytest.fail("loaded before the error"))
@@ -71,7 +72,7 @@ def test_from_png_refusals_come_before_loading(repo, tmp_path, monkeypatch):
         assert message in str(e.value)
     Image.new("RGB", (16, 16), "blue").save(x)  # the input changed since: the re-run could not match
     with pytest.raises(SystemExit, match="has changed"):
-        main(["img2img", "--from-png", str(tmp_path / "o.png"), "--output", str(tmp_path / "p.png")])
+        main(["img2img", "--from-png", str(tmp_path / "o.png"), "--weights", str(repo), "--output", str(tmp_path / "p.png")])
 
 
 # ---- seeds and prompts --------------------------------------------------------------------------------------

@@ -79,6 +79,8 @@ def common_args(p: argparse.ArgumentParser, size: bool = True, flux_steps: str =
                    "torch's own choice on a GPU)")
     p.add_argument("--from-png", default=None, metavar="PNG", help="re-run the image recorded in a minidit "
                    "PNG's metadata (same command); options given here override the recorded ones (default: none)")
+    p.add_argument("--record-paths", action="store_true", help="also record the absolute paths of the weights "
+                   "and inputs in the PNG (default: off: file names and fingerprints only)")
     p.add_argument("--quiet", action="store_true", help="print only errors and warnings (default: off)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES), help="default bf16 on GPU, fp32 on CPU")
