@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tracemalloc
 from types import SimpleNamespace
 
 import numpy as np
@@ -245,17 +244,22 @@ def test_total_images_are_bounded_before_planning(tmp_path, no_load):
 
 def test_a_million_line_prompt_file_is_planned_in_constant_memory(tmp_path):
     (tmp_path / "p.txt").write_text("".join(f"prompt number {i}\n" for i in range(1_000_000)))
-    args = SimpleNamespace(prompt=None, prompt_file=str(tmp_path / "p.txt"), seed=[1], num_images=1,
-                           output=str(tmp_path / "o.png"))
-    tracemalloc.start()
-    todo = record.plan(args)
-    last = None
-    for last in todo:
-        pass
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert len(todo) == 1_000_000 and last == ("prompt number 999999", 1)
-    assert peak < 8 << 20, peak  # a list of the jobs (or of the output paths) alone would take > 100 MB
+    code = f"""
+import resource
+from types import SimpleNamespace
+from minidit.cli import record
+args = SimpleNamespace(prompt=None, prompt_file={str(tmp_path / "p.txt")!r}, seed=[1], num_images=1,
+                       output={str(tmp_path / "o.png")!r})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+todo = record.plan(args)
+for last in todo:
+    pass
+print(len(todo), last, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    p = child(code)
+    n, *last, grown_mib = p.stdout.split()
+    assert p.returncode == 0 and n == "1000000" and last == ["('prompt", "number", "999999',", "1)"], p.stderr
+    assert int(grown_mib) < 20  # the list of jobs (or of output paths) alone would take > 100 MiB
 
 
 def test_each_image_is_saved_when_made_and_an_interrupt_keeps_them(tmp_path):
