@@ -32,16 +32,14 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .. import __version__, attention, files
 from ..image import output_paths, save_numbered, save_png
 from ..lora import lora_info, parse_lora_arg
 from ..repository import WeightPaths, builtin_repo, resolve_weights, shipped
-from .rerun import BOX, INPUTS, OPTIONS, parse_record, recorded_inputs, recorded_options
+from .rerun import BOX, INPUTS, JSON_KEY, OPTIONS, read_png, recorded_inputs, recorded_options
 
-JSON_KEY = "minidit"  # the JSON chunk; "parameters" holds the A1111-style text
 SEED_RANGE = 2 ** 32  # random seeds are drawn from [0, 2^32), as A1111 and BFL's CLI do
 MAX_IMAGES_PER_RUN = 1_000_000  # prompts x seeds x --num-images (README "Safety")
 # --flag per component (Pipeline.load's keyword -> the CLI option's dest)
@@ -304,21 +302,6 @@ def add_chunks(info, rec: dict) -> None:
     """Write the record twice into a PngInfo: A1111 text under "parameters", JSON under "minidit"."""
     info.add_text("parameters", parameters_text(rec))
     info.add_text(JSON_KEY, json.dumps(rec))
-
-
-def read_png(path) -> dict:
-    """The JSON record of a minidit PNG (structure checked: rerun.parse_record); a named error for anything else.
-    Only the text chunks before the pixels are read (minidit writes its there): nothing is decoded."""
-    what = f"--from-png {path}"
-    with files.open_regular(path, "--from-png", files.LIMITS["png"]) as f:
-        try:
-            with Image.open(f) as im:
-                kind, text = im.format, im.info.get(JSON_KEY)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{what}: not a readable image ({e})") from None
-    if kind != "PNG" or text is None:
-        raise ValueError(f"{what}: no minidit metadata in it (only PNGs written by minidit can be re-run)")
-    return parse_record(text, what)
 
 
 # ------------------------------------------------------------------------------------- the CLI's image loop

@@ -1,6 +1,6 @@
 """A minidit PNG's record read back for `--from-png`, as the untrusted input it is: anyone can edit a PNG's text.
 
-    rec = parse_record(text, "--from-png x.png")          # a dict of the needed shape, or one named error
+    rec = read_png("x.png")                               # its JSON chunk: a dict of the needed shape, or one error
     options = recorded_options(rec, subparser, what)      # {dest: value}: the allow-listed options, parsed as argv
     inputs = recorded_inputs(rec, subparser, [folder, cwd], skip, what)   # {dest: path}: hashed inputs, found again
 
@@ -20,8 +20,11 @@ import os
 import re
 from pathlib import Path
 
+from PIL import Image
+
 from .. import files
 
+JSON_KEY = "minidit"  # the JSON chunk; "parameters" holds the A1111-style text
 INPUTS = ("image", "ref", "mask", "scene", "scene_mask", "control", "region")  # input files: recorded by name and hash
 # the options a record may set: those that change the pixels (the device, threads and offload do not choose them)
 OPTIONS = frozenset({
@@ -190,3 +193,18 @@ def recorded_inputs(rec: dict, sub, folders: list[Path], skip: set[str], what: s
         else:
             refuse(what, f"inputs.{dest}: {flag} takes one value, the record lists {len(values)}")
     return out
+
+
+def read_png(path) -> dict:
+    """The JSON record of a minidit PNG (structure checked: rerun.parse_record); a named error for anything else.
+    Only the text chunks before the pixels are read (minidit writes its there): nothing is decoded."""
+    what = f"--from-png {path}"
+    with files.open_regular(path, "--from-png", files.LIMITS["png"]) as f:
+        try:
+            with Image.open(f) as im:
+                kind, text = im.format, im.info.get(JSON_KEY)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{what}: not a readable image ({e})") from None
+    if kind != "PNG" or text is None:
+        raise ValueError(f"{what}: no minidit metadata in it (only PNGs written by minidit can be re-run)")
+    return parse_record(text, what)
