@@ -9,8 +9,6 @@ from minidit.cli import main
 from minidit.cli.record import read_png
 from minidit.weights.tiny import write_tiny_repo
 
-sd_parsers = pytest.importorskip("sd_parsers")  # test extra (pyproject)
-
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
@@ -69,6 +67,7 @@ def test_rerun_from_the_png_gives_the_same_pixels(repo, tmp_path, monkeypatch, c
 
 
 def test_a1111_reader_reads_tool_steps_seed_size_and_boxes(repo, tmp_path, monkeypatch):
+    sd_parsers = pytest.importorskip("sd_parsers")  # the test extra (pyproject.toml)
     monkeypatch.chdir(tmp_path)
     inputs(tmp_path)
     main(["personalize", "--weights", str(repo), "--prompt", "a cat, on a mat", "--seed", "7", "--steps", "2",
