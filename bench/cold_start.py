@@ -7,7 +7,7 @@ built-in trained tiny model (minidit.repository.builtin_repo(), a FLUX.1-schnell
 it when no --weights is given). Each process, from interpreter start to exit:
   minidit    `python -m minidit generate [--weights REPO] --prompt P --steps S --width W --height W --seed 0
              --output OUT.png --quiet` (for the built-in model without --weights, so the CLI applies its own
-             defaults: minidit.repository.BUILTIN_DEFAULTS, true CFG 4 with the empty negative prompt)
+             defaults: its minidit.json, true CFG 4 with the empty negative prompt)
   diffusers  FluxPipeline.from_pretrained(REPO, dtype=float32), the same prompt, size, steps, guidance 3.5,
              generator seeded 0, max_sequence_length as minidit uses it (512 for the random dev repository, 48 =
              the trained tokenizer's model_max_length for the built-in one, which also gets negative_prompt "" and
@@ -63,9 +63,11 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from minidit.repository import BUILTIN_DEFAULTS, builtin_repo
+    from minidit.defaults import ModelDefaults
+    from minidit.repository import builtin_repo
     from minidit.weights.tiny import write_tiny_repo
 
+    builtin = ModelDefaults.read(builtin_repo())  # its minidit.json: what the CLI uses it with
     tmp = Path(tempfile.mkdtemp(prefix="cold_start-"))
     random_repo = write_tiny_repo(tmp / "FLUX.1-dev", "dev", seed=0)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -79,7 +81,7 @@ def main() -> None:
          dict(common, repo=str(random_repo), max_sequence_length=512)),
         ("built-in trained tiny (schnell, no --weights)", [],
          dict(common, repo=str(builtin_repo()), max_sequence_length=48,
-              negative_prompt=BUILTIN_DEFAULTS["negative_prompt"], true_cfg_scale=BUILTIN_DEFAULTS["true_cfg_scale"])),
+              negative_prompt=builtin.negative_prompt, true_cfg_scale=builtin.true_cfg_scale)),
     ]
     n = 0
 

@@ -56,9 +56,9 @@ def set_backend(name: str | None) -> None:
 def check_backend(name: str | None = None) -> None:
     """The backend `name` (default: the one set by `set_backend` / MINIDIT_ATTENTION) can run here: a known name,
     and triton installed for "triton". Run before any model loads (Pipeline.load, the CLI); one ValueError."""
-    name = _backend if name is None else name
-    what = f"MINIDIT_ATTENTION={name}" if name is not None and name == os.environ.get("MINIDIT_ATTENTION") \
-        else f"attention backend {name!r}"
+    env = os.environ.get("MINIDIT_ATTENTION") or None
+    name = (_backend if env is None or env in BACKENDS else env) if name is None else name
+    what = f"MINIDIT_ATTENTION={name}" if name is not None and name == env else f"attention backend {name!r}"
     if name is not None and name not in BACKENDS:
         raise ValueError(f"{what}: unknown; choose one of {', '.join(BACKENDS)} (or unset it: automatic)")
     if name == "triton" and not _have_triton():

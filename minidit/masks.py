@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .image import check_size, load_mask, open_image, pil_to_tensor
-from .validate import integer
+from .validate import integer, pixels
 
 PATCH = 16  # pixels per token side
 THRESHOLD = 0.5
@@ -31,7 +31,7 @@ class Reference:
 
 def box_mask(box: tuple[int, int, int, int], height: int, width: int) -> Tensor:
     """(x, y, w, h) pixel box -> (H, W) float mask. Errors if the box is empty or leaves the canvas."""
-    x, y, w, h = (int(v) for v in box)
+    x, y, w, h = (integer(f"box {box} {name}", v) for name, v in zip("xywh", box))  # 2.5 px is a mistake
     if w <= 0 or h <= 0:
         raise ValueError(f"box {box} is empty (w and h must be > 0)")
     if x < 0 or y < 0 or x + w > width or y + h > height:
@@ -202,9 +202,7 @@ def image_tensor(image) -> Tensor:
             image = image[0]
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"an image tensor must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
-        if not bool(torch.isfinite(image).all()):
-            raise ValueError("image tensor holds NaN or Inf")
-        return image.detach().float().cpu()
+        return pixels("image tensor", image).detach().float().cpu()  # finite, float, in [-1, 1], not meta
     return pil_to_tensor(open_image(image, "image"))[0]  # to_rgb: 16-bit grey scaled, EXIF applied by open_image
 
 

@@ -327,7 +327,7 @@ def personalize(pipe, prompt: str, reference: Reference | list[Reference], *, pl
     preset: "paper" (default), "official" (the released code) or a PersonalizeSettings; any field below given as
     a keyword overrides just that field (`PersonalizeSettings.resolve(preset, **settings)`)."""
     s = PersonalizeSettings.resolve(preset, **settings)
-    height, width, guidance = pipe.with_defaults(height, width, guidance)[:3]
+    height, width, guidance = pipe.with_defaults(height, width, guidance, image_input=True)[:3]
     validate.generate_args(height, width, steps, guidance, seed, num_images)
     refs = [reference] if isinstance(reference, Reference) else list(reference)
     if not refs:

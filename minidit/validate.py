@@ -3,6 +3,8 @@
     validate.generate_args(height, width, steps, guidance, seed, num_images)   # Pipeline.generate and the CLI
     validate.number("lambda_ref", x, lo=0, lo_open=True, hi=100)                 # one option
     validate.finite_tensor("latents", z)                                         # NaN/Inf is an error
+    validate.pixels("image", x)                       # an image tensor in [-1, 1] (uint8 or 0..255: an error)
+    validate.prompts("prompt", p)                     # a str or a list of str -> list
 
 The CLI runs the same checks before any model loads (cli/commands.py `check_inputs`), so a bad value costs
 nothing.
@@ -59,12 +61,39 @@ def seed(x) -> None:
 
 
 def finite_tensor(name: str, t) -> Tensor:
-    """A tensor without NaN/Inf ("latents holds NaN or Inf")."""
+    """A tensor with data (not on the meta device) without NaN/Inf ("latents holds NaN or Inf")."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.is_meta:
+        raise ValueError(f"{name} is a meta-device tensor (a shape without data)")
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} holds NaN or Inf")
     return t
+
+
+def pixels(name: str, t) -> Tensor:
+    """An image tensor as minidit takes it: floating point, finite, every value in [-1, 1]. The rule is to refuse,
+    never to guess: a uint8 / integer tensor or one in 0..255 is an error (convert with `x / 127.5 - 1`), and so is
+    a decoded image slightly outside [-1, 1] (`x.clamp(-1, 1)`), since a 0..1 image cannot be told from it."""
+    finite_tensor(name, t)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} is a {str(t.dtype).removeprefix('torch.')} tensor: minidit takes float images in "
+                        "[-1, 1] (convert with x.float() / 127.5 - 1)")
+    if t.numel() and (float(t.min()) < -1 or float(t.max()) > 1):
+        raise ValueError(f"{name} has values in [{float(t.min()):g}, {float(t.max()):g}]: minidit takes images in "
+                         "[-1, 1] (0..255: x / 127.5 - 1; 0..1: 2 * x - 1; slightly outside: x.clamp(-1, 1))")
+    return t
+
+
+def prompts(name: str, p) -> list[str]:
+    """A prompt or a list of prompts -> a non-empty list of str (None or another type: a TypeError naming it)."""
+    items = [p] if isinstance(p, str) else p
+    if not isinstance(items, (list, tuple)) or not items:
+        raise TypeError(f"{name} must be a string or a non-empty list of strings, got {type(p).__name__}")
+    for i, x in enumerate(items):
+        if not isinstance(x, str):
+            raise TypeError(f"{name}{'' if isinstance(p, str) else f' {i}'} must be a string, got {type(x).__name__}")
+    return list(items)
 
 
 def _memory_bytes() -> int:

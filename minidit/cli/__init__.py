@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         with warnings.catch_warnings():  # a library warning is one clean line, not a source listing
             warnings.simplefilter("default")
             warnings.showwarning = lambda message, category, *a, **k: print(f"warning: {message}", file=sys.stderr)
-            from . import commands  # after parsing: --help and usage errors never wait for torch (see above)
-            commands.execute(args, parser)
+            from .commands import execute  # after parsing: --help and usage errors never wait for torch (above)
+            execute(args, parser)
     except KeyboardInterrupt:
         if debug:
             raise
