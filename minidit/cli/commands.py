@@ -253,9 +253,12 @@ def cmd_personalize(args) -> None:
                      for o in per_ref(args.offset, n, "--offset")]
     refs = [Reference(r, m, p) for r, m, p in zip(args.ref, masks, prompts)]
     scene = Reference(args.scene, mask_arg(args.scene_mask), args.scene_prompt) if args.scene else None
-    for b in placement if args.box else []:  # a target box lies inside the output
+    if args.box:  # a target box lies inside the output (a model that states no size: the first reference's)
+        first = open_image(args.ref[0], "--ref") if args.height is None or args.width is None else None
+        out_h, out_w = args.height or first.height, args.width or first.width
+    for b in placement if args.box else []:
         try:
-            box_mask(b, args.height, args.width)
+            box_mask(b, out_h, out_w)
         except ValueError as e:
             raise ValueError(f"--box: {e}") from None
     todo = record.plan(args)
