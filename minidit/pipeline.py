@@ -278,6 +278,7 @@ class Pipeline:
             height, width, guidance, negative_prompt, true_cfg_scale, image_input=True)
         validate.generate_args(height, width, steps, guidance, seed, num_images, true_cfg_scale=true_cfg_scale)
         image = to_rgb(open_image(image, "image"))  # the exact reader: EXIF orientation, 16-bit grey scaled
+        height, width = height or image.height // 16 * 16, width or image.width // 16 * 16
         sampling.latent_size(height, width)
         steps = self.default_steps if steps is None else steps
         t_start = int(max(steps - min(steps * strength, steps), 0))
@@ -294,7 +295,6 @@ class Pipeline:
             else:
                 x0 = ae.encode(x, sample=True, generator=gen).expand(B, -1, -1, -1)
         eps = sampling.randn(tuple(x0.shape), gen).to(self.device, self.dtype)
-        height, width = height or image.height // 16 * 16, width or image.width // 16 * 16
         sigma = timesteps[0].to(self.device, self.dtype)
         img = sampling.pack(sigma * eps + (1.0 - sigma) * x0)  # diffusers' scale_noise
         img = self.denoise(img, sampling.image_ids(B, height, width, self.device), txt, txt_ids, vec, timesteps,
