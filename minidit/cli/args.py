@@ -74,9 +74,9 @@ def common_args(p: argparse.ArgumentParser, size: bool = True, flux_steps: str =
     p.add_argument("--output", default="outputs/", help="a folder (ends in /, or exists): numbered names "
                    "COMMAND-NNNN-sSEED.png, never overwriting; or a .png path, replaced atomically if it exists "
                    "(several images: NAME-0.png, NAME-1.png, ...) (default: outputs/)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 on the CPU, "
-                   "where more did not pay on a shared 2-core machine for the built-in model (bench/threads.py); "
-                   "torch's own choice on a GPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 on the CPU for a "
+                   "narrow model such as the built-in one, where more were far slower on a shared 2-core machine; "
+                   "torch's own choice for full-width FLUX.1 and on a GPU; bench/threads.py)")
     p.add_argument("--from-png", default=None, metavar="PNG", help="re-run the image recorded in a minidit "
                    "PNG's metadata (same command); options given here override the recorded ones (default: none)")
     p.add_argument("--record-paths", action="store_true", help="also record the absolute paths of the weights "

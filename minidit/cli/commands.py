@@ -5,9 +5,9 @@ Without --weights the built-in tiny checkpoint is used (weights/trained: a tiny 
 procedural world of shapes). Every value an option leaves unset is the model's (`model_defaults`: its
 minidit.json, read before it loads), written into the options before anything runs, so the record holds what ran.
 
-Threads (--threads): on the CPU the default is 1 torch thread: on a shared 2-core machine more threads did not
-pay for the built-in model nor for a full-width block (bench/threads.py, bench/RESULTS.md); on a GPU torch's own
-choice.
+Threads (--threads): on the CPU the default is 1 torch thread for a narrow transformer (the built-in model, width
+128: 2 threads made it 26x slower on a shared 2-core machine) and torch's own choice for a full-width one (FLUX.1,
+3072: 2 threads were 0.79x the time of 1 there); bench/threads.py, bench/RESULTS.md. On a GPU: torch's choice.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from .info import inspect
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 MAX_THREADS = 1024
+NARROW = 1024  # transformer width below which the CPU default is 1 thread (bench/threads.py)
 
 
 def execute(args, parser) -> None:
@@ -50,12 +51,20 @@ def execute(args, parser) -> None:
 
 
 def set_threads(args) -> None:
-    """--threads N, else 1 on the CPU (see the module docstring) and torch's choice on a GPU."""
+    """--threads N (checked before anything else); the default is set by `default_threads` once the weights are
+    known."""
     if args.threads is not None:
         validate.integer("--threads", args.threads, 1, MAX_THREADS)
         torch.set_num_threads(args.threads)
-    elif (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
-        torch.set_num_threads(1)
+
+
+def default_threads(args) -> None:
+    """Without --threads, on the CPU: 1 thread for a transformer narrower than NARROW (read from its header),
+    torch's own choice otherwise (see the module docstring)."""
+    cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    if args.threads is None and cpu:
+        if open_transformer(record.weight_paths(args)["transformer"])[1].hidden_size < NARROW:
+            torch.set_num_threads(1)
 
 
 def model_defaults(args) -> ModelDefaults:
@@ -115,6 +124,7 @@ def load_pipeline(args, checked: bool = False):
     if not checked:
         check_inputs(args)
     weights = record.check_weights(args)  # what --weights / --transformer ... name, and what is missing
+    default_threads(args)
     if builtin(args):
         record.say(args, "no --weights: using the built-in tiny FLUX.1 trained on minidit's procedural world of "
                            "shapes (weights/trained, 18 MB; it draws coloured shapes, not photos)")
