@@ -51,6 +51,14 @@ def t2i_rows(pipe, n, steps):
     return rows
 
 
+def ae_rows(pipe, n, steps):
+    r = Q.autoencoder(pipe, n=n)
+    return [("autoencoder", "round trip of held-out renders: PSNR dB, scenes of the whole world / single-object flat "
+             "scenes; the object's colour named right", f"{r['psnr']:.1f} / {r['psnr_single']:.1f}; {r['colour']:.2f}"),
+            ("autoencoder", "round trip of flat palette colours, error in levels (worst colour): grid-locked pattern "
+             "/ border frame / colour offset", f"{r['grid']:.2f} / {r['frame']:.2f} / {r['offset']:.1f}")]
+
+
 def personalize_rows(pipe, n, steps):
     rows = []
     for mode in ("in place", "offset", "multi", "scene"):
@@ -109,7 +117,7 @@ def time_row(pipe, steps):
              f"{np.median(times):.2f} s (median of 3)")]
 
 
-SECTIONS = {"t2i": t2i_rows, "personalize": personalize_rows, "edit": edit_rows, "freecus": freecus_rows}
+SECTIONS = {"ae": ae_rows, "t2i": t2i_rows, "personalize": personalize_rows, "edit": edit_rows, "freecus": freecus_rows}
 
 
 def grids(pipe, folder: Path, steps) -> list[Path]:

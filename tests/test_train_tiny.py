@@ -24,6 +24,7 @@ def test_smoke_run_writes_a_loadable_repository(smoke):
     pipe = Pipeline.load(out, device="cpu")
     assert pipe.transformer.cfg == T.DIT
     ae = pipe.ae.cfg
+    assert (ae.ch, ae.ch_mult, ae.num_res_blocks, ae.z_channels) == (T.AE.ch, T.AE.ch_mult, T.AE.num_res_blocks, 16)
     assert ae.scale_factor != 0.3611 and ae.shift_factor != 0.1159  # measured on the data, read back from the file
     img = pipe.generate("a red circle on the left", height=64, width=64, steps=2)[0]
     assert img.size == (64, 64)
@@ -45,6 +46,71 @@ def test_checkpoint_round_trips(smoke, tmp_path):
     assert all(torch.equal(ema[k], ema2[k]) for k in ema)
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert all(torch.equal(s1[i]["exp_avg_sq"], s2[i]["exp_avg_sq"]) for i in s1)
+
+
+def test_ae_stage_resumes_from_its_checkpoint(tmp_path):
+    """The autoencoder stage trains AE's widths on whole renders and checkpoints model, EMA and AdamW; run again
+    on a finished checkpoint it trains nothing and writes the same EMA weights."""
+    from safetensors.torch import load_file
+    T.stage_ae(tmp_path, 2, 0, batch=1, size=32, out="a.safetensors")
+    assert (tmp_path / "a.ckpt.safetensors").exists()
+    first = load_file(tmp_path / "a.safetensors")
+    assert first["encoder.conv_in.weight"].shape[0] == T.AE.ch
+    from_ckpt = T.load_ae(tmp_path / "a.ckpt.safetensors").state_dict()   # its EMA weights: what was written
+    assert all(torch.equal(first[k], v) for k, v in from_ckpt.items())
+    (tmp_path / "a.safetensors").unlink()
+    T.stage_ae(tmp_path, 2, 0, batch=1, size=32, out="a.safetensors")
+    again = load_file(tmp_path / "a.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    T.stage_ae(tmp_path, 2, 0, batch=1, size=32, init="a.safetensors", out="b.safetensors")  # the next phase
+    assert any(not torch.equal(first[k], v) for k, v in load_file(tmp_path / "b.safetensors").items())
+
+
+def test_bf16_autocast_runs_on_the_cpu_with_the_device_code():
+    """--device cuda's path (bf16 autocast, tensors moved to the device) is the CPU's with --bf16: the DiT loss
+    under autocast is close to the fp32 one (same draws), and an autoencoder step runs."""
+    import tempfile
+    from pathlib import Path
+    torch.manual_seed(0)
+    model = T.init_dit(T.DIT, seed=0)
+    for p in model.parameters():  # adaLN-Zero starts at zero velocity: give it an output
+        torch.nn.init.normal_(p, std=0.02)
+    lat, txt, vec = torch.randn(2, 16, 32, 32), torch.randn(2, 48, 32), torch.randn(2, 32)
+    from minidit import sampling
+    ids = sampling.image_ids(2, 256, 256)
+    loss = {bf16: T.rf_loss(model, lat, txt, vec, ids, torch.Generator().manual_seed(1), bf16=bf16).item()
+            for bf16 in (False, True)}
+    assert abs(loss[True] - loss[False]) < 0.02 * loss[False], loss
+    with tempfile.TemporaryDirectory() as d:
+        T.stage_ae(Path(d), 1, 0, batch=1, size=32, bf16=True, device=torch.device("cpu"))
+        assert (Path(d) / "ae_phase0.safetensors").exists()
+
+
+def test_render_workers_give_the_same_images():
+    """--workers only renders the scenes the training process draws, so the data do not depend on it."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        a = T.world_images(random.Random(3), 3, 32, pool)
+    b = T.world_images(random.Random(3), 3, 32)
+    assert a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+def test_until_stops_after_a_stage(tmp_path):
+    """--until STAGE runs the stages up to it and exports nothing (the cheapest stage here; ae, data and dit stop
+    the same way)."""
+    T.main(["--work", str(tmp_path), "--smoke", "--threads", "2", "--until", "text"])
+    assert (tmp_path / "repo" / "text_encoder_2").exists()
+    assert not list(tmp_path.glob("ae_phase*")) and not (tmp_path / "repo-final").exists()
+
+
+@pytest.mark.parametrize("device, message", [("nonsense", "not cpu or a CUDA device"), ("meta", "not cpu or a CUDA"),
+                                             ("cuda", "CUDA is not available here")])
+def test_bad_devices_are_refused_before_anything_is_written(tmp_path, capsys, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit):
+        T.main(["--work", str(tmp_path / "w"), "--device", device])
+    assert message in capsys.readouterr().err and not (tmp_path / "w").exists()
 
 
 def test_dit_stage_extends_and_stops_at_a_step(smoke, tmp_path):

@@ -4,6 +4,8 @@ Each function generates with a `Pipeline` and returns plain numbers; bench/quali
 tests/test_trained.py holds the built-in model to them. All evaluation scenes come from seeds disjoint from the
 training stream (weights/train_tiny.py draws scenes from `random.Random(seed + 2)`, these from 10_000 + ...).
 
+    autoencoder  the round trip alone: PSNR on held-out renders, the object's colour named right, and on flat
+                 palette colours a grid-locked pattern, a border frame and a colour offset (flat_errors)
     t2i          attribute accuracy (colour, shape, position, background) of images generated from captions
     personalize  subject fidelity: PSNR inside the subject mask against the reference, method vs plain generation
                  with the same caption; prompt adherence: the new background's colour is the one asked for
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minidit.image import pil_to_tensor
+from minidit.image import pil_to_tensor, tensor_to_pil
 
 from . import world
 
@@ -106,6 +108,83 @@ def t2i(pipe, n: int = 32, seed: int = 0, steps: int | None = None, true_cfg: fl
     out.update({f"{k}_autoencoder": ae[k] / n for k in ae})
     out["mean"] = float(np.mean([gen[k] / n for k in gen]))
     return out
+
+
+# ------------------------------------------------------------------------------------------- autoencoder
+GRID = 16      # pixels: one DiT token (2x2 latent pixels); a pattern repeating every 8 or 16 pixels is on this grid
+BORDER = 16    # pixels: the band left out when looking for a grid, and compared with the interior for a frame
+
+
+def held_out_scenes(n: int, seed: int = 0) -> list[world.Scene]:
+    """n scenes of the whole world (every background, one or two objects), from an evaluation stream."""
+    rng = random.Random(EVAL_SEED + 300 + seed)
+    return [world.sample_scene(rng) for _ in range(n)]
+
+
+def grid_amplitude(e: np.ndarray) -> float:
+    """The part of an error image e (H, W, C) that repeats every GRID pixels (periods 16, 8, 4, 2 alike), in its
+    units: e less its mean over the GRID x GRID window around each pixel (which keeps such a pattern whole and
+    removes what varies slowly), folded onto one GRID x GRID tile (the mean over the tiles), less the tile's
+    mean; its largest |value|. A sinusoid of amplitude a and period 16 or 8 gives a; smooth errors give ~0."""
+    t = torch.from_numpy(np.ascontiguousarray(e, np.float64)).permute(2, 0, 1)[None]         # (1, C, H, W)
+    smooth = torch.nn.functional.avg_pool2d(t, GRID, stride=1)                              # (1, C, H-15, W-15)
+    h, w = (smooth.shape[-2] // GRID) * GRID, (smooth.shape[-1] // GRID) * GRID
+    r = t[..., GRID // 2:GRID // 2 + h, GRID // 2:GRID // 2 + w] - smooth[..., :h, :w]
+    tile = r.reshape(t.shape[1], h // GRID, GRID, w // GRID, GRID).mean((1, 3))              # (C, 16, 16)
+    return float((tile - tile.mean((-2, -1), keepdim=True)).abs().max())
+
+
+def ring(width: int) -> np.ndarray:
+    """(SIZE, SIZE) bool: the outermost `width` pixels."""
+    m = np.ones((SIZE, SIZE), bool)
+    m[width:SIZE - width, width:SIZE - width] = False
+    return m
+
+
+def flat_errors(trip, colours=tuple(world.COLOURS)) -> dict[str, float]:
+    """A round trip `trip` (PIL image -> PIL image) of flat images of each palette colour, its per-pixel error
+    e = out - in (RGB levels) judged three ways, the worst colour reported:
+      grid    `grid_amplitude` of e inside the image less a BORDER band: a pattern on the latent/token grid;
+      frame   the mean |e| of the outermost 4 pixels minus that of the band 8 to 16 pixels in: a frame at
+              the border (a smooth error, e.g. a gradient, changes little over 8 pixels);
+      offset  the largest |mean e| of a channel in the interior: a colour shift."""
+    grid = frame = offset = 0.0
+    for name in colours:
+        image = Image.new("RGB", (SIZE, SIZE), world.COLOURS[name])
+        e = as_array(trip(image)).astype(np.float64) - as_array(image).astype(np.float64)   # (H, W, 3)
+        inner = e[BORDER:SIZE - BORDER, BORDER:SIZE - BORDER]
+        grid = max(grid, grid_amplitude(inner))
+        frame = max(frame, float(np.abs(e)[ring(4)].mean() - np.abs(e)[ring(16) & ~ring(8)].mean()))
+        offset = max(offset, float(np.abs(inner.mean((0, 1))).max()))
+    return {"grid": grid, "frame": frame, "offset": offset}
+
+
+def ae_trip(ae):
+    """The round trip (PIL image -> PIL image) of an `AutoEncoder` alone, e.g. a training checkpoint's
+    (`minidit.autoencoder.load_autoencoder`); its scale/shift factors cancel out."""
+    @torch.no_grad()
+    def trip(image):
+        x = pil_to_tensor(image).to(ae.dtype)
+        return tensor_to_pil(ae.decode(ae.encode(x)).float())[0]
+    return trip
+
+
+def autoencoder(pipe=None, n: int = 16, seed: int = 0, trip=None) -> dict[str, float]:
+    """A pipeline's autoencoder alone (encode, decode: `round_trip`), or any round trip `trip` (`ae_trip`), on
+    held-out renders: mean PSNR over n scenes of the whole world (`held_out_scenes`) and over n single-object flat
+    scenes (`eval_scenes`, what `t2i` asks for), how often the detectors name the object's colour right on the
+    latter, and `flat_errors`."""
+    trip = trip or (lambda im: round_trip(pipe, im))
+    renders = [world.render(s, SIZE) for s in held_out_scenes(n, seed)]
+    world_psnr = [psnr(as_array(trip(r)), as_array(r)) for r in renders]
+    flat, colour = [], []
+    for s in eval_scenes(n, seed):
+        render = world.render(s, SIZE)
+        out = trip(render)
+        flat.append(psnr(as_array(out), as_array(render)))
+        colour.append(attributes(out, s)["colour"])
+    return {"psnr": float(np.mean(world_psnr)), "psnr_single": float(np.mean(flat)), "colour": float(np.mean(colour)),
+            **flat_errors(trip)}
 
 
 README_SCENE = world.Scene((world.place(world.Subject("circle", "red", "striped"), "in the centre", "large"),),

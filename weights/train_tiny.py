@@ -1,16 +1,16 @@
-"""Train the built-in tiny FLUX.1 on the procedural world (weights/world.py) on a CPU, then write it as a FLUX.1
+"""Train the built-in tiny FLUX.1 on the procedural world (weights/world.py), then write it as a FLUX.1
 repository in the official layouts (BFL single files and diffusers folders), read by minidit and diffusers alike.
 
-    python -m minidit.weights.train_tiny --work /tmp/tiny-train --dit-steps 10000 --stop-at 8312 --tune-steps 4000 \
-        --tune-text-lr 0 --local-t5 --tune-times sampler --out /tmp/tiny-train/tuned   # all stages, resumable
-        (weights/trained itself came from a chain of resumes of this recipe and the --init-from run below:
-        weights/README.md)
-    python -m minidit.weights.train_tiny --work /tmp/w --init-from /tmp/tiny-train/tuned --images 12000 \
-        --tune-steps 4000 --tune-text-lr 0 --local-t5 --tune-times sampler --object-weight 6 \
-        --out weights/trained                                   # the second tune, from the first one's export
-    python -m minidit.weights.train_tiny --work /tmp/smoke --smoke                         # seconds: CI's smoke test
+    python -m minidit.weights.train_tiny --work /tmp/tiny --threads 1 --until ae        # the autoencoder alone
+    python -m minidit.weights.train_tiny --work /tmp/tiny --dit-steps 10000 --out /tmp/tiny/final   # all stages
+    python -m minidit.weights.train_tiny --work /tmp/tiny --device cuda --batch 128 ...  # a GPU: bf16 autocast
+    python -m minidit.weights.train_tiny --work /tmp/smoke --smoke                      # seconds: CI's smoke test
 
-Stages (each skipped when its output exists in --work; the DiT stage resumes from its last checkpoint):
+How weights/trained was made (the exact commands, times, losses, and what each choice measurably did) is in
+weights/README.md; this docstring says what the code does.
+
+Stages (each skipped when its output exists in --work; the ae, dit and tune stages resume from their last
+checkpoint, written every few minutes):
   init   (--init-from REPO) an empty work folder seeded from an exported repository (stage_init): its encoders,
          autoencoder (as the last AE phase), latent scale/shift (kept by the data stage) and DiT (a finished DiT
          stage); the stages below then skip or continue from it. Work folders do not travel; repositories do.
@@ -18,49 +18,44 @@ Stages (each skipped when its output exists in --work; the DiT stage resumes fro
          (FLUX trains its MMDiT against frozen encoders; the tune stage can train them jointly). The T5 tokenizer is
          a SentencePiece model trained on the generic tiny corpus plus world captions, so most of the world's words
          are single pieces; T5 gets 48 tokens (tokenizer_2's model_max_length, which minidit reads).
-  ae     the autoencoder in the FLUX layout (AutoEncoderConfig.tiny(): 16 latent channels, x8, widths 32/32/64/64),
-         on random crops of 256-pixel world images, then whole images (AE_PHASES): L1 + MSE reconstruction +
-         1e-4 KL (per element); the posterior starts narrow (log-variance bias -8) so its noise does not hide the
-         latent. Whole images last: GroupNorm's statistics over a crop are not those of a whole image.
+  ae     the autoencoder in the FLUX layout with AE's widths (16 latent channels, x8), trained on whole world
+         renders, small ones first (AE_PHASES): L1 + MSE reconstruction + 1e-4 KL (per element); the posterior
+         starts narrow (log-variance bias -8) so its noise does not hide the latent; EMA weights are kept. Whole
+         renders, never crops: GroupNorm's statistics over a crop are not those of a whole image, and a smaller
+         render of the same scene has nearly the same ones.
   data   N world scenes rendered at 256 and encoded (posterior mean) once; scale/shift factors measured on them
          (shift = mean, scale = 1/std) and stored in vae/config.json and ae.safetensors' metadata.
   dit    the MMDiT (FLUX layout, no guidance embedding: schnell-like, so the sampler uses true CFG) with FLUX's
          rectified-flow objective: x_t = (1-t) x0 + t eps, target v = eps - x0; t logit-normal (SD3) then shifted
          with FLUX.1-dev's mu for 256 tokens (mu = 0.5), the schedule it is sampled with. Captions leave out each
          attribute with p = 0.15 and are dropped whole with p = 0.1 (the empty prompt), so classifier-free guidance
-         works. AdamW, warm-up then cosine, bf16 autocast with fp32 weights, EMA 0.995 (what is exported).
-  tune   (--tune-steps N) the dit stage's EMA model trained on for N steps more, a fresh AdamW (DiT 2e-4),
-         warm-up and cosine. What weights/trained is made with (two tunes: --local-t5 --tune-text-lr 0 --tune-times
-         sampler, then the same plus --object-weight 6 on 12,000 scenes, from the first one's export):
-         * the frozen T5 gets a designed local position bias (tiny_text.local_position_bias: each of its 4 heads
-           attends to one neighbour, +1, +2, -1, -2). The DiT gives every text token the same position (txt_ids
-           are zeros), so it sees T5's features as a set; the random bias mixed all tokens nearly evenly, so
-           swapping the object's and the background's colours changed the features by 0.23 of their norm
-           (quality.text_order) and colours landed on the wrong region. With the local bias: 0.57. A pretrained
-           T5 learns such context; the frozen random one is given it.
-         * training times drawn as the sampler spaces its steps (train_times "sampler"), not logit-normal:
-           logit-normal puts 4.5 % of the draws above t = 0.9, where the sampler spends 15 % of its steps and
-           decides which colour goes where (the model's x0 guess at t = 1 ignored the background's colour).
-         * --object-weight K weights each image token's loss by 1 + K x the share of it the objects cover
-           (object_weights, from the world's ground-truth masks): a deviation from FLUX's plain mean, for the
-           object's colour word, which under the plain mean barely changes the loss.
-         With --tune-text-lr > 0 (default 1e-3) both text encoders are trained jointly instead, and export
-         writes the tuned T5 and CLIP; measured (weights/README.md): 5,000 such steps raised text-to-image a
-         little but not binding, so weights/trained does not use it.
+         works. AdamW, warm-up then cosine, fp32 weights, EMA 0.995 (what is exported).
+  tune   (--tune-steps N) the dit stage's EMA model trained on for N steps more, a fresh AdamW (DiT 2e-4), warm-up
+         and cosine. Options: --local-t5 gives the frozen T5 a designed local position bias first
+         (tiny_text.local_position_bias); --tune-times sampler draws the times as the sampler spaces its steps
+         (train_times); --object-weight K weights each image token's loss by 1 + K x its object coverage
+         (object_weights, a deviation from FLUX's plain mean); --tune-text-lr > 0 trains both text encoders
+         jointly, and export then writes the tuned T5 and CLIP.
   export the repository: flux1-schnell.safetensors + transformer/, ae.safetensors + vae/, text_encoder(_2)/,
          tokenizer(_2)/, scheduler/ (dev-like dynamic shifting), model_index.json; all fp16.
+
+Devices (--device): every stage runs on the one device given; on CUDA the forward passes run under bf16 autocast
+(fp32 weights and optimizer), on the CPU in fp32 (--bf16 / --no-bf16 override). Random draws (scenes, captions,
+times, noise) come from CPU generators on every device, so a run's data stream does not depend on the device.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +80,13 @@ T5_LENGTH = 48
 DIT = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=32, hidden_size=128, mlp_ratio=4.0,
                  num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), qkv_bias=True,
                  guidance_embed=False)
-# autoencoder phases: (steps, crop pixels, batch, lr); each starts from the previous one's weights. Whole images
-# last: GroupNorm's statistics over a crop are not those of a whole image.
-AE_PHASES = ((400, 96, 8, 2e-3), (1200, 64, 16, 2e-3), (150, SIZE, 4, 5e-4))
+# The autoencoder: FLUX's layout (4 levels, x8, 16 latent channels) at widths 64/64/128/128. GroupNorm has 32
+# groups at every width (as FLUX's), so at 32 channels (AutoEncoderConfig.tiny()) each group is a single channel:
+# the decoder's last GroupNorm then removes each channel's spatial mean, and a flat colour reaches conv_out only
+# through the zero padding at the border (the frame the first built-in autoencoder drew; weights/README.md).
+AE = AutoEncoderConfig(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+# autoencoder phases: (steps, render pixels, batch, lr); whole renders, each phase from the previous one's weights
+AE_PHASES = ((3000, 64, 16, 2e-3), (1500, 128, 8, 1e-3), (500, SIZE, 4, 3e-4))
 AE_FINAL = f"ae_phase{len(AE_PHASES) - 1}.safetensors"  # the last phase's weights: what is encoded and exported
 MU = sampling.calculate_mu((SIZE // 16) ** 2)   # 0.5: FLUX.1-dev's shift at 256 image tokens
 # minidit.json (minidit/defaults.py): what the exported model is used with when a call does not say
@@ -101,10 +100,16 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def world_images(rng: random.Random, n: int, size: int = SIZE) -> tuple[list, torch.Tensor]:
-    """n scenes and their renders as (n, 3, size, size) in [-1, 1]."""
+def render_array(scene: world.Scene, size: int) -> np.ndarray:
+    return np.array(world.render(scene, size))
+
+
+def world_images(rng: random.Random, n: int, size: int = SIZE, pool=None) -> tuple[list, torch.Tensor]:
+    """n scenes and their renders as (n, 3, size, size) in [-1, 1]. The scenes are drawn here, in order; `pool`
+    (a multiprocessing pool, --workers) only renders them, so the data do not depend on it."""
     scenes = [world.sample_scene(rng) for _ in range(n)]
-    x = torch.stack([torch.from_numpy(np.array(world.render(s, size))) for s in scenes])
+    arrays = (pool.map if pool is not None else map)(partial(render_array, size=size), scenes)
+    x = torch.stack([torch.from_numpy(a) for a in arrays])
     return scenes, x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -183,56 +188,68 @@ def stage_init(work: Path, src: Path) -> None:
                                                                 "init_from": str(src)})
 
 
-def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, crop: int = 128, lr: float = 2e-3,
-             init: str | None = None, out: str = "ae_phase0.safetensors") -> AutoEncoder:
-    """Train (or, from `init`, continue training) the autoencoder on `crop`-pixel crops; saves WORK/`out`."""
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on `device` (fp32 weights), or none."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def load_ae(path: Path, device: torch.device | str = "cpu") -> AutoEncoder:
+    """An autoencoder weights file of this script (any widths: the config is read from the shapes), or the EMA
+    weights of an ae phase's checkpoint (WORK/ae_phaseN.ckpt.safetensors), e.g. to measure a phase under way."""
+    sd = load_file(path)
+    if any(k.startswith("ema.") for k in sd):
+        sd = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
+    ae = AutoEncoder(AutoEncoderConfig.from_checkpoint(sd))
+    ae.load_state_dict(sd)
+    return ae.to(device)
+
+
+def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, size: int = 128, lr: float = 1e-3,
+             init: str | None = None, out: str = "ae_phase0.safetensors", device: torch.device = torch.device("cpu"),
+             bf16: bool = False, ckpt_every_s: float = 300.0, pool=None) -> None:
+    """Train (or, from `init`, continue training) the autoencoder on whole `size`-pixel world renders, fresh ones
+    every step; resumable from WORK/`out`.ckpt (model, EMA, AdamW); writes the EMA weights to WORK/`out`."""
     torch.manual_seed(seed)
-    rng = random.Random(seed + 1)
-    ae = AutoEncoder(AutoEncoderConfig.tiny())
-    if init is not None:
-        ae.load_state_dict(load_file(work / init))
-    else:
+    ae = (load_ae(work / init) if init is not None else AutoEncoder(AE)).to(device)
+    if init is None:
         with torch.no_grad():  # start the posterior narrow (std e^-4), or its noise hides the latent from the decoder
             ae.encoder.conv_out.bias[ae.cfg.z_channels:] = -8.0
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
-    _, pool = world_images(rng, 4 * batch)  # a pool of renders, two replaced per step, cropped at random
-    t0, avg = time.time(), None
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        pool[rng.randrange(len(pool))], pool[rng.randrange(len(pool))] = world_images(rng, 2)[1]
-        pick = torch.tensor(rng.sample(range(len(pool)), batch))
-        i, j = rng.randrange(0, SIZE - crop + 1, 8), rng.randrange(0, SIZE - crop + 1, 8)
-        x = pool[pick][:, :, i:i + crop, j:j + crop]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+    ema = {k: v.detach().clone() for k, v in ae.state_dict().items()}
+    ckpt, start = work / out.replace(".safetensors", ".ckpt.safetensors"), 0
+    if ckpt.exists():
+        start, steps = load_checkpoint(ckpt, ae, ema, opt)
+        log(f"ae resumed at step {start} of {steps}")
+    rng = random.Random(seed * 7919 + 1 + start)
+    g = torch.Generator().manual_seed(seed + start)
+    tick = Ticker(f"ae {size}px", ckpt, ckpt_every_s, every_steps=25)
+    for step in range(start, steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, steps, warmup=50)
+        x = world_images(rng, batch, size, pool)[1].to(device)
+        with autocast(device, bf16):
             mean, logvar = ae.encoder(x).float().chunk(2, dim=1)
-            z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)
-            y = ae.decoder(z).float()
+            noise = torch.randn(mean.shape, generator=g).to(device)
+            y = ae.decoder(mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise).float()
         rec = (y - x).abs().mean() + F.mse_loss(y, x)
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
-        loss = rec + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
-        opt.step()
-        avg = rec.item() if avg is None else 0.98 * avg + 0.02 * rec.item()
-        if step % 25 == 0 or step == steps - 1:
-            log(f"ae step {step}/{steps} rec {avg:.4f} kl {kl.item():.3f} ({time.time() - t0:.0f} s)")
-    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(work / out),
-              metadata={"final_rec": f"{avg:.5f}", "steps": str(steps)})
-    return ae
+        optimize(ae, opt, ema, rec + 1e-4 * kl, step)
+        tick(step, steps, steps, rec.item(), ae, ema, opt)
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(work / out),
+              metadata={"final_rec": "" if tick.avg is None else f"{tick.avg:.5f}", "steps": str(steps),
+                        "size": str(size)})
 
 
 @torch.no_grad()
-def stage_data(work: Path, n: int, seed: int) -> None:
-    ae = AutoEncoder(AutoEncoderConfig.tiny())
-    ae.load_state_dict(load_file(work / AE_FINAL))
+def stage_data(work: Path, n: int, seed: int, device: torch.device = torch.device("cpu"), bf16: bool = False,
+               pool=None) -> None:
+    ae = load_ae(work / AE_FINAL, device)
     rng = random.Random(seed + 2)
     scenes, means, t0 = [], [], time.time()
     for start in range(0, n, 32):
-        s, x = world_images(rng, min(32, n - start))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            means.append(ae.encoder(x).float().chunk(2, dim=1)[0])
+        s, x = world_images(rng, min(32, n - start), pool=pool)
+        with autocast(device, bf16):
+            means.append(ae.encoder(x.to(device)).float().chunk(2, dim=1)[0].cpu())
         scenes += s
         if start % 640 == 0:
             log(f"data {start}/{n} ({time.time() - t0:.0f} s)")
@@ -246,7 +263,7 @@ def stage_data(work: Path, n: int, seed: int) -> None:
     else:
         scale = 1.0 / std
         latents = ((z - shift) / std).half().contiguous()
-    cfg = replace(AutoEncoderConfig.tiny(), scale_factor=scale, shift_factor=shift)
+    cfg = replace(ae.cfg, scale_factor=scale, shift_factor=shift)
     (work / "cover.safetensors").unlink(missing_ok=True)  # the object cover of the scenes encoded before, if any
     save_file({"latents": latents}, str(work / "latents.safetensors"),
               metadata={"scale_factor": repr(cfg.scale_factor), "shift_factor": repr(cfg.shift_factor)})
@@ -312,6 +329,7 @@ def sample_batch(scenes: list[world.Scene], batch: int, g: torch.Generator, rng:
 
 
 T_DISTS = ("logit-normal", "sampler")
+STAGES = ("text", "ae", "data", "dit")  # --until: the stages a run can stop after
 
 
 def train_times(batch: int, g: torch.Generator, dist: str = "logit-normal") -> torch.Tensor:
@@ -323,19 +341,23 @@ def train_times(batch: int, g: torch.Generator, dist: str = "logit-normal") -> t
 
 
 def rf_loss(forward, latents: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, img_ids: torch.Tensor,
-            g: torch.Generator, t_dist: str = "logit-normal", weight: torch.Tensor | None = None) -> torch.Tensor:
+            g: torch.Generator, t_dist: str = "logit-normal", weight: torch.Tensor | None = None,
+            bf16: bool = False) -> torch.Tensor:
     """FLUX's rectified-flow loss: x_t = (1-t) x0 + t eps, target v = eps - x0, t from `train_times`. `weight`
-    (B, 256): each image token's weight (`object_weights`); the loss is then the weighted mean."""
-    x0 = sampling.pack(latents.float())                                         # (B, 256, 64)
+    (B, 256): each image token's weight (`object_weights`); the loss is then the weighted mean. Runs where `txt`
+    is; times and noise are drawn from the CPU generator `g`."""
+    device = txt.device
+    x0 = sampling.pack(latents.to(device).float())                              # (B, 256, 64)
     batch = x0.shape[0]
-    t = train_times(batch, g, t_dist)
-    eps = torch.randn(x0.shape, generator=g)
+    t = train_times(batch, g, t_dist).to(device)
+    eps = torch.randn(x0.shape, generator=g).to(device)
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        v = forward(xt, img_ids, txt, sampling.text_ids(batch, txt.shape[1]), t, vec)
+    with autocast(device, bf16):
+        v = forward(xt, img_ids.to(device), txt, sampling.text_ids(batch, txt.shape[1]).to(device), t, vec)
     if weight is None:
         return F.mse_loss(v.float(), eps - x0)
-    return ((v.float() - (eps - x0)) ** 2).mean(-1).mul(weight).sum() / weight.sum()
+    w = weight.to(device)
+    return ((v.float() - (eps - x0)) ** 2).mean(-1).mul(w).sum() / w.sum()
 
 
 def optimize(model: torch.nn.Module, opt, ema: dict, loss: torch.Tensor, step: int) -> None:
@@ -350,16 +372,17 @@ def optimize(model: torch.nn.Module, opt, ema: dict, loss: torch.Tensor, step: i
 
 
 class Ticker:
-    """A stage's running loss, a log line every 50 steps, a checkpoint every `every` seconds and at its last step."""
+    """A stage's running loss, a log line every `every_steps` steps, a checkpoint every `every` seconds and at its
+    last step."""
 
-    def __init__(self, name: str, ckpt: Path, every: float):
-        self.name, self.ckpt, self.every = name, ckpt, every
+    def __init__(self, name: str, ckpt: Path, every: float, every_steps: int = 50):
+        self.name, self.ckpt, self.every, self.every_steps = name, ckpt, every, every_steps
         self.t0 = self.last = time.time()
         self.avg = None
 
     def __call__(self, step: int, steps: int, end: int, loss: float, model, ema, opt) -> None:
         self.avg = loss if self.avg is None else 0.99 * self.avg + 0.01 * loss
-        if step % 50 == 0 or step == steps - 1:
+        if step % self.every_steps == 0 or step == steps - 1:
             log(f"{self.name} step {step}/{steps} loss {self.avg:.4f} ({time.time() - self.t0:.0f} s)")
         if time.time() - self.last > self.every or step == end - 1:
             save_checkpoint(self.ckpt, model, ema, opt, step + 1, steps, self.avg)
@@ -368,15 +391,16 @@ class Ticker:
 
 def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr: float = 5e-4,
               ckpt_every_s: float = 300.0, minutes: float | None = None, extend: bool = False,
-              compile: bool = False, stop_at: int | None = None) -> None:
+              compile: bool = False, stop_at: int | None = None, device: torch.device = torch.device("cpu"),
+              bf16: bool = False) -> None:
     """`minutes`: instead of a step count, time the first 20 steps and fix the total that fits (logged and
     stored in the checkpoint, so `--dit-steps N` reproduces the run). `compile`: torch.compile the forward
     (measured on the 2-core CPU: 0.56 instead of 0.75 s per step, after ~90 s of compiling). `stop_at`: end the
     stage after that many steps of the run's schedule (the cosine keeps the run's total; the checkpoint records
     the step reached, so a later call resumes from it)."""
     latents, scenes = load_data(work)
-    text = TextEncoder.load(repo, device="cpu", dtype=torch.float32, max_length=T5_LENGTH)
-    model, ckpt = init_dit(DIT, seed), work / "dit.safetensors"
+    text = TextEncoder.load(repo, device=device, dtype=torch.float32, max_length=T5_LENGTH)
+    model, ckpt = init_dit(DIT, seed).to(device), work / "dit.safetensors"
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     forward = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -401,7 +425,7 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
         idx, caps = sample_batch(scenes, batch, g, rng)
         with torch.no_grad():
             txt, vec = text.encode(caps)
-        loss = rf_loss(forward, latents[idx], txt, vec, img_ids, g)
+        loss = rf_loss(forward, latents[idx], txt, vec, img_ids, g, bf16=bf16)
         optimize(model, opt, ema, loss, step)
         tick(step, steps, end, loss.item(), model, ema, opt)
         step += 1
@@ -409,16 +433,17 @@ def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr
 
 def stage_tune(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr: float = 2e-4,
                text_lr: float = 1e-3, ckpt_every_s: float = 300.0, compile: bool = False,
-               t_dist: str = "logit-normal", object_weight: float = 0.0) -> None:
+               t_dist: str = "logit-normal", object_weight: float = 0.0, device: torch.device = torch.device("cpu"),
+               bf16: bool = False) -> None:
     """The DiT stage's model (its EMA weights, what `export` writes) trained on for `steps` with both text
     encoders trained jointly (at `text_lr`; 0: they stay frozen): a fresh AdamW, warm-up and cosine; resumable
-    from WORK/tune.safetensors (keys dit.*, t5.*, clip.*). Why, and what it gave: the module docstring."""
+    from WORK/tune.safetensors (keys dit.*, t5.*, clip.*). What the options gave: weights/README.md."""
     latents, scenes = load_data(work)
     weights = object_weights(work, scenes, object_weight) if object_weight else None
-    text = TextEncoder.load(repo, device="cpu", dtype=torch.float32, max_length=T5_LENGTH)
+    text = TextEncoder.load(repo, device=device, dtype=torch.float32, max_length=T5_LENGTH)
     joint = text_lr > 0
     text.t5.requires_grad_(joint), text.clip.requires_grad_(joint)  # loaded frozen, for inference
-    dit = Flux(DIT)
+    dit = Flux(DIT).to(device)
     model, ckpt = torch.nn.ModuleDict({"dit": dit, "t5": text.t5, "clip": text.clip}), work / "tune.safetensors"
     groups = [{"params": list(dit.parameters()), "base": lr}]
     if joint:
@@ -442,10 +467,10 @@ def stage_tune(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, l
             group["lr"] = group["base"] * lr_factor(step, steps)
         idx, caps = sample_batch(scenes, batch, g, rng)
         with torch.set_grad_enabled(joint):  # as TextEncoder.encode, which runs without gradients
-            _, vec = text.clip(text.clip_tokenizer(caps))
-            txt = text.t5(text.t5_tokenizer(caps))
+            _, vec = text.clip(text.clip_tokenizer(caps).to(device))
+            txt = text.t5(text.t5_tokenizer(caps).to(device))
         w = None if weights is None else weights[idx]
-        loss = rf_loss(forward, latents[idx], txt, vec, img_ids, g, t_dist, w)
+        loss = rf_loss(forward, latents[idx], txt, vec, img_ids, g, t_dist, w, bf16=bf16)
         optimize(model, opt, ema, loss, step)
         tick(step, steps, steps, loss.item(), model, ema, opt)
 
@@ -458,8 +483,8 @@ def save_checkpoint(path: Path, model, ema, opt, step: int, steps: int, loss: fl
         tensors[f"opt.{i}.exp_avg"], tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg"], st["exp_avg_sq"]
         tensors[f"opt.{i}.step"] = st["step"].reshape(1).float()
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step), "steps": str(steps),
-                                                        "loss": f"{loss:.5f}"})
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"step": str(step), "steps": str(steps), "loss": f"{loss:.5f}"})
     tmp.replace(path)
 
 
@@ -505,9 +530,9 @@ def write_export(work: Path, repo: Path, tmp: Path) -> None:
     from safetensors import safe_open
     with safe_open(str(work / "latents.safetensors"), "pt") as f:
         meta = f.metadata()
-    ae_cfg = replace(AutoEncoderConfig.tiny(), scale_factor=float(meta["scale_factor"]),
-                     shift_factor=float(meta["shift_factor"]))
     ae_sd = {k: v.half() for k, v in load_file(work / AE_FINAL).items()}
+    ae_cfg = replace(AutoEncoderConfig.from_checkpoint(ae_sd), scale_factor=float(meta["scale_factor"]),
+                     shift_factor=float(meta["shift_factor"]))
     write_tiny_ae(tmp / "ae.safetensors", ae_cfg, sd=ae_sd)
     write_tiny_ae(tmp / "vae", ae_cfg, layout="diffusers", sd=ae_sd)
     tuned = work / "tune.safetensors"
@@ -527,6 +552,26 @@ def write_export(work: Path, repo: Path, tmp: Path) -> None:
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
     (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     (tmp / "minidit.json").write_text(json.dumps(DEFAULTS, indent=2))
+
+
+def train_ae_and_data(work: Path, args, device: torch.device, bf16: bool, pool) -> bool:
+    """main's ae phases and data stage (each skipped when done); False when --until stops the run here."""
+    for i, (steps, size, batch, lr) in enumerate(AE_PHASES):
+        out = work / f"ae_phase{i}.safetensors"
+        if args.smoke:
+            steps, size, batch = 3, 64, 2
+        batch = args.ae_batch or batch
+        if not out.exists() and not (work / AE_FINAL).exists():
+            log(f"stage ae, phase {i}: {steps} steps, whole {size}-pixel renders, batch {batch}, lr {lr}")
+            stage_ae(work, steps, args.seed + i, batch=batch, size=size, lr=lr,
+                     init=None if i == 0 else f"ae_phase{i - 1}.safetensors", out=out.name, device=device,
+                     bf16=bf16, pool=pool)
+    if args.until == "ae":
+        return False
+    if not (work / "latents.safetensors").exists():
+        log("stage data")
+        stage_data(work, args.images, args.seed, device=device, bf16=bf16, pool=pool)
+    return args.until != "data"
 
 
 def out_problem(work: Path, out: Path) -> str | None:
@@ -597,6 +642,14 @@ def main(argv=None) -> None:
                     "weights/trained): its encoders, autoencoder, latent factors and DiT (stage_init)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the DiT's forward (faster after ~90 s)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="where every stage runs: cpu, cuda, cuda:1, ...")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of the "
+                    "forward passes (default: on for CUDA, off for the CPU)")
+    ap.add_argument("--ae-batch", type=int, default=None, help="the autoencoder phases' batch (default: AE_PHASES'; "
+                    "larger on a GPU)")
+    ap.add_argument("--workers", type=int, default=0, help="processes that render the world's images for the ae "
+                    "and data stages (0: the training process; on a GPU the renders are the bottleneck)")
+    ap.add_argument("--until", choices=STAGES, default=None, help="stop after this stage (no export)")
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
     args = ap.parse_args(argv)
     if why := argument_problem(args):
@@ -613,8 +666,21 @@ def main(argv=None) -> None:
         ap.error("--object-weight needs --tune-steps (it weights the tune stage's loss)")
     if args.init_from and (why := init_problem(Path(args.work), Path(args.init_from))):
         ap.error(why)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device}: not cpu or a CUDA device (cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here")
+    if args.workers < 0:
+        ap.error(f"--workers must be >= 0, got {args.workers}")
+    if args.ae_batch is not None and args.ae_batch < 1:
+        ap.error(f"--ae-batch must be >= 1, got {args.ae_batch}")
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     if args.smoke:
-        args.images, args.dit_steps, args.batch = 64, 6, 4
+        args.images, args.dit_steps, args.batch = 16, 6, 4
         args.tune_steps = args.tune_steps and 4
     work = Path(args.work)
     repo = work / "repo"
@@ -632,26 +698,29 @@ def main(argv=None) -> None:
     if not (repo / "text_encoder_2").exists():
         log("stage text")
         stage_text(repo, args.seed)
-    for i, (steps, crop, batch, lr) in enumerate(AE_PHASES):
-        out = work / f"ae_phase{i}.safetensors"
-        if not out.exists() and not (work / AE_FINAL).exists():
-            log(f"stage ae, phase {i}: {steps} steps, {crop}-pixel crops, batch {batch}, lr {lr}")
-            stage_ae(work, 3 if args.smoke else steps, args.seed + i, batch=2 if args.smoke else batch,
-                     crop=64 if args.smoke and crop < SIZE else crop, lr=lr,
-                     init=None if i == 0 else f"ae_phase{i - 1}.safetensors", out=out.name)
-    if not (work / "latents.safetensors").exists():
-        log("stage data")
-        stage_data(work, args.images, args.seed)
+    if args.until == "text":
+        return
+    pool = multiprocessing.get_context("spawn").Pool(args.workers) if args.workers else None
+    try:
+        done = train_ae_and_data(work, args, device, bf16, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+    if not done:
+        return
     log("stage dit")
     stage_dit(work, repo, args.dit_steps, args.seed, batch=args.batch, minutes=args.dit_minutes,
-              extend=args.extend, compile=args.compile, stop_at=args.stop_at)
+              extend=args.extend, compile=args.compile, stop_at=args.stop_at, device=device, bf16=bf16)
+    if args.until == "dit":
+        return
     if args.tune_steps:
         if args.local_t5:
             log("stage local t5")
             stage_local_t5(repo)
         log("stage tune")
         stage_tune(work, repo, args.tune_steps, args.seed, batch=args.batch, text_lr=args.tune_text_lr,
-                   compile=args.compile, t_dist=args.tune_times, object_weight=args.object_weight)
+                   compile=args.compile, t_dist=args.tune_times, object_weight=args.object_weight, device=device,
+                   bf16=bf16)
     out = stage_export(work, repo, Path(args.out) if args.out else work / "repo-final")
     log(f"exported {out}")
 
