@@ -83,7 +83,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import sampling, validate
+from . import family, sampling, validate
 # λ_r = 1.1: reference keys (Handler.register(scale=1.1) in the "save" pass); λ_p = 1.1: the target's text keys on
 # vital layers (infer.py --extend_scale 1.1); the reference's noise schedules (their --mu_shift_type)
 from .defaults import LAMBDA_PROMPT, LAMBDA_REF, MU_SHIFT_TYPES
@@ -235,7 +235,7 @@ class NoisedReference:
     def __init__(self, model, x_ref: Tensor, ref_noise: Tensor, ref_sigmas: Tensor, subject: Tensor, ids: Tensor,
                  txt: Tensor, txt_ids: Tensor, vec: Tensor, vital_layers: Iterable[int] | None = None,
                  lambda_ref: float = LAMBDA_REF, lambda_prompt: float = LAMBDA_PROMPT, mask_mode: str = "exclude",
-                 ref_time: str = "target"):
+                 ref_time: str = "target", cond: Tensor | None = None):
         cfg = model.cfg
         if vital_layers is None:
             vital_layers = default_vital_layers(cfg.depth, cfg.depth_single_blocks)
@@ -252,7 +252,7 @@ class NoisedReference:
         if int(subject.min()) < 0 or int(subject.max()) >= N:
             raise ValueError(f"subject token indices must lie in 0..{N - 1}")
         self.x_ref, self.ref_noise, self.ref_sigmas, self.ref_time = x_ref, ref_noise, ref_sigmas, ref_time
-        self.ids, self.txt, self.txt_ids, self.vec = ids, txt, txt_ids, vec
+        self.ids, self.txt, self.txt_ids, self.vec, self.cond = ids, txt, txt_ids, vec, cond  # cond: Fill/control
         self.state = freecus_refstate(subject.to(x_ref.device), vital, lambda_ref, lambda_prompt, mask_mode)
         self.active = bool(vital)  # (check_vital_layers refuses an empty list; a test may patch it to allow one)
 
@@ -267,7 +267,7 @@ class NoisedReference:
         sigma = float(self.ref_sigmas[i])
         z = noised_reference(self.x_ref, self.ref_noise, sigma).to(img.dtype)      # (1, N, 64) at noise level σ'_i
         tt = torch.full((1,), sigma if self.ref_time == "sigma" else t, device=img.device, dtype=img.dtype)
-        return img, sampling.BranchInputs(z, self.ids, self.txt, self.txt_ids, self.vec, tt, self.state)
+        return img, sampling.BranchInputs(z, self.ids, self.txt, self.txt_ids, self.vec, tt, self.state, self.cond)
 
     def after(self, i: int, t: float, t_next: float, v: Tensor, img: Tensor) -> Tensor:
         return img  # the reference is re-noised from x_ref at every step: nothing to carry
@@ -331,8 +331,11 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
             seed: int | list[int] = 0, steps: int | None = None, guidance: float | None = None,
             height: int | None = None, width: int | None = None, num_images: int = 1, ref_seed: int | None = None,
             preset: str | FreeCusSettings = "paper", progress: bool = False, return_latents: bool = False,
-            **settings):
+            image=None, mask=None, control_image=None, reference_control=None, **settings):
     """FreeCus: `num_images` images per prompt of the subject of `reference` (Reference(image, mask, prompt)).
+    On FLUX.1 Fill: image= the scene, mask= the region to inpaint the subject into (white); on a control model:
+    control_image= the targets' depth/edge map, reference_control= the reference's (default the same): see
+    family.freecus_conditioning (guidance default 30 on Fill).
 
     caption: a short description of the subject, appended to every prompt as `prompt + ". " + caption` (make it
     with any captioner: see DESCRIBE_TEMPLATE and FILTER_TEMPLATE). reference.prompt: the reference's prompt
@@ -345,10 +348,13 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
     attention-layer indices (double blocks then single blocks), None = `default_vital_layers` of the loaded
     model; mu_shift_type: see `reference_sigmas` ("target": no ANS)."""
     s = FreeCusSettings.resolve(preset, **settings)
+    scene, region = image, mask  # (the names image/mask are the reference's below)
     if isinstance(reference, (list, tuple)):
         if len(reference) != 1:
             raise ValueError(f"FreeCus takes one reference, got {len(reference)}")
         reference = reference[0]
+    if guidance is None and pipe.transformer.cfg.variant == "fill":
+        guidance = family.FILL_GUIDANCE
     height, width, guidance = pipe.with_defaults(height, width, guidance, image_input=True)[:3]
     validate.generate_args(height, width, steps, guidance, seed, num_images)
     if ref_seed is not None:
@@ -374,13 +380,17 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
     x_ref = pipe.encode_reference(image[None], s.vae_sample, first_seed if s.vae_seed is None else s.vae_seed)
     eps = sampling.noise(1, height, width, ref_seed if ref_seed is not None else first_seed, pipe.device, pipe.dtype)
     img = sampling.noise(B, height, width, seed, pipe.device, pipe.dtype)
+    ref_cond, cond, finish = family.freecus_conditioning(pipe, image, B, first_seed, image=scene, mask=region,
+                                                         control_image=control_image,
+                                                         reference_control=reference_control)
     timesteps = pipe.schedule(steps, height, width)
     sigmas = reference_sigmas(steps, seq_len, mu=s.mu(height, width), shift_type=s.mu_shift_type,
                               timesteps=timesteps)
     with pipe.use(pipe.transformer) as model:
         branch = NoisedReference(model, x_ref, eps, sigmas, subject, sampling.image_ids(1, height, width, pipe.device),
                                  txt[:1], txt_ids[:1], vec[:1], vital, s.lambda_ref, s.lambda_prompt, s.mask_mode,
-                                 s.ref_time)
+                                 s.ref_time, cond=ref_cond)
         img = sampling.denoise(model, img, sampling.image_ids(B, height, width, pipe.device), txt[1:], txt_ids[1:],
-                               vec[1:], timesteps, guidance, progress, branch=branch, desc="freecus")
+                               vec[1:], timesteps, guidance, progress, branch=branch, desc="freecus", img_cond=cond)
+    img = finish(img)
     return img if return_latents else pipe.decode(img, height, width)

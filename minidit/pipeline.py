@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import attention, freecus as fc, inversion, personalize as pa, sampling, validate
+from . import attention, family, freecus as fc, inversion, personalize as pa, sampling, validate
 from .autoencoder import AutoEncoder, load_autoencoder
 from .defaults import ModelDefaults
 from .image import load_image, open_image, pil_to_tensor, tensor_to_pil, to_rgb
@@ -73,12 +73,13 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None, offload: bool = False, **files) -> "Pipeline":
+             dtype: torch.dtype | None = None, offload: bool = False, loras=(), **files) -> "Pipeline":
         """path: FLUX.1-dev/schnell folder (BFL files at the root or diffusers subfolders), a Hugging Face cache
         folder or repo name (offline), or None for the built-in tiny checkpoint. `files` overrides single
         components: transformer=, ae=, text_encoder=, text_encoder_2=, tokenizer=, tokenizer_2=.
         device: default CUDA if available; dtype: bf16 on GPU, fp32 on CPU. offload=True keeps every component
-        on the CPU and moves one at a time to the GPU while it runs."""
+        on the CPU and moves one at a time to the GPU while it runs. loras: [(path, scale), ...] merged into the
+        transformer as it loads (minidit.lora; a BFL Depth/Canny LoRA makes dev a control model)."""
         attention.check_backend()  # MINIDIT_ATTENTION: a named error now, not a ModuleNotFoundError mid-run
         device, dtype = default_device_dtype(device, dtype)
         if path is None:
@@ -87,7 +88,10 @@ class Pipeline:
             root, name = resolve_weights(path), str(path)
         paths = WeightPaths.find(root, **files)
         home = torch.device("cpu") if offload else device
-        transformer = load_transformer(paths.transformer, home, dtype)
+        # a diffusers repository's own transformer/ is loaded through its root, whose model_index.json tells
+        # FLUX.1 Kontext (dev's shapes) apart (flux_loading.open_transformer)
+        own = "transformer" not in files and paths.transformer == root / "transformer"
+        transformer = load_transformer(root if own else paths.transformer, home, dtype, loras=loras)
         variant = "dev" if transformer.cfg.guidance_embed else "schnell"
         text_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
         # T5 length: FLUX's 512 (dev) / 256 (schnell), or less when the tokenizer says so (the tiny trained model)
@@ -150,10 +154,12 @@ class Pipeline:
 
     def denoise(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor, timesteps: Tensor,
                 guidance: float | None = 3.5, progress: bool = False, negative: tuple | None = None,
-                true_cfg_scale: float = 1.0) -> Tensor:
+                true_cfg_scale: float = 1.0, **conditioning) -> Tensor:
+        """sampling.denoise with this pipeline's transformer; `conditioning`: img_cond / img_cond_seq /
+        img_cond_seq_ids of the FLUX.1 family (family.py)."""
         with self.use(self.transformer) as model:
             return sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, progress,
-                                    negative, true_cfg_scale)
+                                    negative, true_cfg_scale, **conditioning)
 
     @torch.no_grad()
     def decode_pixels(self, img: Tensor, height: int, width: int, tile: int | None = None) -> Tensor:
@@ -209,26 +215,35 @@ class Pipeline:
                  steps: int | None = None, guidance: float | None = None, seed: sampling.Seed = 0,
                  num_images: int = 1, progress: bool = False, return_latents: bool = False,
                  negative_prompt: str | list[str] | None = None, true_cfg_scale: float | None = None,
-                 latents: Tensor | None = None):
+                 latents: Tensor | None = None, control_image=None):
         """Returns `num_images` PIL images per prompt (or the packed latents). seed: an int draws the whole
         batch's noise from one generator (diffusers-identical); a list gives image i its own seed (reproducible
         alone); torch.Generator(s) are used as diffusers' `generator=`. negative_prompt + true_cfg_scale > 1:
         true classifier-free guidance (two forwards per step), as diffusers' FluxPipeline. latents: packed
-        initial noise (B, N, 64) instead of drawing it. None: the model's value (`self.defaults`)."""
+        initial noise (B, N, 64) instead of drawing it. None: the model's value (`self.defaults`).
+        control_image: the depth/edge map of a FLUX.1 control model (Depth/Canny, or dev + a control LoRA), at the
+        output size (default size: its own); one VAE sample for the batch, drawn before the noise (family.py)."""
+        control = family.control_input(self, control_image, height, width)
+        if control is not None:
+            control, height, width = control
         height, width, guidance, negative_prompt, true_cfg_scale = self.with_defaults(height, width, guidance,
                                                                              negative_prompt, true_cfg_scale)
         validate.generate_args(height, width, steps, guidance, seed, num_images, true_cfg_scale=true_cfg_scale)
         (txt, txt_ids, vec), negative = self.conditions(prompt, num_images, negative_prompt, true_cfg_scale)
         B, N = txt.shape[0], (height // 16) * (width // 16)
+        gens = family.generators(seed, B)
+        cond = None if control is None else family.control_conditioning(self, control, B, gens)
         if latents is None:
-            img = sampling.noise(B, height, width, seed, self.device, self.dtype)
+            img = sampling.noise(B, height, width, gens if isinstance(seed, (list, tuple)) else gens[0], self.device,
+                                 self.dtype)
         elif tuple(latents.shape) != (B, N, 64):
             raise ValueError(f"latents must be packed noise of shape {(B, N, 64)} for {B} images of {width}x{height}, "
                              f"got {tuple(latents.shape)}")
         else:
             img = validate.finite_tensor("latents", latents).to(self.device, self.dtype)
         img = self.denoise(img, sampling.image_ids(B, height, width, self.device), txt, txt_ids, vec,
-                           self.schedule(steps, height, width), guidance, progress, negative, true_cfg_scale)
+                           self.schedule(steps, height, width), guidance, progress, negative, true_cfg_scale,
+                           img_cond=cond)
         return img if return_latents else self.decode(img, height, width)
 
     def __call__(self, prompt: str | list[str], height: int | None = None, width: int | None = None,
@@ -261,6 +276,7 @@ class Pipeline:
         return x.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else x
 
     # -- image to image -----------------------------------------------------------------------------------------
+    @family.base_model_only
     def img2img(self, image, prompt: str | list[str], strength: float = 0.6, height: int | None = None,
                 width: int | None = None, steps: int | None = None, guidance: float | None = None,
                 seed: sampling.Seed = 0, num_images: int = 1, negative_prompt: str | list[str] | None = None,
@@ -303,8 +319,14 @@ class Pipeline:
 
     # -- personalization (the methods live in personalize.py and freecus.py; these are their entry points) ------
     # The module functions themselves, so `pipe.personalize` has their full, explicit signature and docstring.
-    invert = inversion.invert                 # invert a reference image (Personalize Anything's reference branch)
-    personalize = pa.personalize              # Personalize Anything: subject(s) placed into a new image
-    inpaint = pa.inpaint                      # repaint a masked region, keep the rest
-    outpaint = pa.outpaint                    # extend an image to a larger canvas
-    freecus = fc.freecus                      # FreeCus: pivotal attention sharing on vital layers
+    # On a Fill or control model the 64-channel methods are refused up front (family.base_model_only).
+    invert = family.base_model_only(inversion.invert)    # invert a reference (Personalize Anything's branch)
+    personalize = family.base_model_only(pa.personalize)  # Personalize Anything: subject(s) in a new image
+    inpaint = family.base_model_only(pa.inpaint)          # repaint a masked region, keep the rest
+    outpaint = family.base_model_only(pa.outpaint)        # extend an image to a larger canvas
+    freecus = fc.freecus                      # FreeCus: pivotal attention sharing (also on Fill and control)
+
+    # -- the FLUX.1 family (family.py) --------------------------------------------------------------------------
+    fill = family.fill                        # FLUX.1 Fill: inpainting (white mask = repaint)
+    fill_outpaint = family.fill_outpaint      # FLUX.1 Fill: outpainting on a larger canvas
+    kontext = family.kontext                  # FLUX.1 Kontext: edit one or several reference images

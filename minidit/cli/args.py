@@ -64,6 +64,10 @@ def common_args(p: argparse.ArgumentParser, size: bool = True, flux_steps: str =
     p.add_argument("--weights", default=None, help="FLUX.1 folder, HF cache folder or repo name (offline); "
                    "default: the built-in tiny checkpoint")
     component_args(p)
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]", help="a FLUX.1 LoRA "
+                   "(.safetensors: kohya, diffusers/PEFT, BFL incl. Depth/Canny control LoRAs, XLabs) merged into the "
+                   "transformer at SCALE (1 if not given); repeatable, the LoRAs add; recorded by file name, "
+                   "header fingerprint and scale (default: none)")
     if size:
         size_args(p)
     p.add_argument("--steps", type=int, default=None, help=f"denoising steps ({model_default('steps', flux_steps)})")
@@ -139,6 +143,12 @@ def add_freecus_parser(sub) -> None:
                    "= --mu-shift-type target, so not with --mu-shift-type)")
     p.add_argument("--mu-shift-type", default=None, choices=MU_SHIFT_TYPES, help="the reference's noise schedule "
                    "(their --mu_shift_type; default negative = ANS)")
+    p.add_argument("--scene", default=None, help="FLUX.1 Fill only: the scene to inpaint the subject into (the "
+                   "paper's §4.4; needs --region) (default: none)")
+    p.add_argument("--region", default=None, help="FLUX.1 Fill only: where the subject goes in --scene (PNG of "
+                   "its size, white = repaint) (default: none)")
+    p.add_argument("--control", default=None, help="FLUX.1 Depth/Canny (or a control LoRA) only: the depth or "
+                   "edge map of the output, at its size (default: none)")
     preset_args(p, "FreeCusSettings (minidit.freecus)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt and seed (default: 1)")
 
@@ -205,8 +215,50 @@ def add_personalize_parsers(sub) -> None:
         p.add_argument("--num-images", type=int, default=1, help="images per prompt and seed (default: 1)")
 
 
+def add_family_parsers(sub) -> None:
+    """`fill` (FLUX.1 Fill) and `kontext` (FLUX.1 Kontext); Depth/Canny is `generate --control`."""
+    p = sub.add_parser("fill", help="FLUX.1 Fill: repaint the white region of a mask, or outpaint (--canvas)")
+    common_args(p, size=False, flux_steps="50 (FLUX.1 Fill)")
+    p.add_argument("--image", required=True, help="input image")
+    p.add_argument("--mask", default=None, help="mask at the image's size, white = repaint (or give --canvas) (default: none)")
+    p.add_argument("--canvas", default=None, metavar="WxH", help="outpaint: the canvas size; the image is pasted "
+                   "at --offset and the new area is repainted (default: none)")
+    p.add_argument("--offset", default=None, help="outpaint: the image's top-left corner at x,y of the canvas "
+                   "(default: centred)")
+    for side in ("height", "width"):
+        p.add_argument(f"--{side}", type=int, default=None, help="pixels, multiple of 16; the image and mask are "
+                       "resized to it (default: the image's, floored to a multiple of 16)")
+    p.add_argument("--strength", type=float, default=1.0, help="1 = from pure noise (diffusers' strength)")
+    guidance_help(p, "30 (FLUX.1 Fill's, BFL and diffusers)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt and seed (default: 1)")
+    p = sub.add_parser("kontext", help="FLUX.1 Kontext: edit one or several reference images by a prompt")
+    common_args(p, size=False, flux_steps="28 (diffusers; BFL's cli_kontext 30)")
+    p.add_argument("--image", action="append", required=True, help="reference image; repeat for several "
+                   "(ComfyUI's offset placement)")
+    for side in ("height", "width"):
+        p.add_argument(f"--{side}", type=int, default=None, help="pixels; with both: their aspect ratio at ~1 MP, "
+                       "as diffusers (default: the first reference's preferred resolution, as BFL's cli_kontext)")
+    cfg_args(p)
+    guidance_help(p, "2.5 (BFL's cli_kontext; diffusers' is 3.5)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt and seed (default: 1)")
+
+
+def guidance_help(p: Parser, default: str) -> None:
+    for a in p.options:
+        if a.dest == "guidance":
+            a.help = f"the embedded guidance (default: {default})"
+
+
 EXAMPLES = {
+    "fill": ['minidit fill --weights ~/models/FLUX.1-Fill-dev --image room.png --mask mask.png --prompt "a red '
+             'armchair"', "minidit fill --weights ~/models/FLUX.1-Fill-dev --image room.png --canvas 1024x768 "
+             '--prompt "a wide living room"'],
+    "kontext": ['minidit kontext --weights ~/models/FLUX.1-Kontext-dev --image cat.png --prompt "the cat wearing '
+                'a hat"'],
     "generate": ['minidit generate --prompt "a photo of a cat" --seed 7 --num-images 4 --output cats/',
+                 'minidit generate --weights ~/models/FLUX.1-dev --lora flux1-depth-dev-lora.safetensors '
+                 '--control depth.png --prompt "a robot in a forest"',
+                 'minidit generate --weights ~/models/FLUX.1-dev --lora style.safetensors:0.8 --prompt "a cat"',
                  "minidit generate --weights black-forest-labs/FLUX.1-dev --prompt-file prompts.txt --seed 1 2 3",
                  "minidit generate --from-png cats/generate-0002.png --output again.png   # the same pixels"],
     "img2img": ['minidit img2img --image photo.png --prompt "the same photo as a watercolour" --strength 0.6'],
@@ -230,6 +282,8 @@ def build_parser() -> Parser:
     p = sub.add_parser("generate", help="text to image")
     common_args(p)
     cfg_args(p)
+    p.add_argument("--control", default=None, help="FLUX.1 Depth/Canny (or dev + a control LoRA): the depth or "
+                   "edge map, at the output's size (default size: its own) (default: none)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt and seed (default: 1)")
     p = sub.add_parser("img2img", help="image to image (diffusers' FluxImg2ImgPipeline)")
     common_args(p, size=False)
@@ -244,6 +298,7 @@ def build_parser() -> Parser:
                    ".safetensors file: lists its components, variant, dtypes and what is missing")
     add_freecus_parser(sub)
     add_personalize_parsers(sub)
+    add_family_parsers(sub)
     parser.subcommands = dict(sub.choices)
     for name, p in parser.subcommands.items():
         p.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])

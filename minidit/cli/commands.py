@@ -17,12 +17,13 @@ import warnings
 
 import torch
 
-from .. import attention, validate
+from .. import attention, family, validate
 from ..defaults import FLUX_SIDE, ModelDefaults
 from ..freecus import FreeCusSettings, check_vital_layers, default_steps as freecus_steps, freecus
 from ..flux_loading import open_transformer
 from ..image import open_image, output_paths
 from ..loading import CheckpointError
+from ..lora import parse_lora_arg
 from ..masks import Reference, box_mask, load_reference
 from ..personalize import EditSettings, PersonalizeSettings, inpaint, outpaint, personalize
 from ..pipeline import Pipeline
@@ -130,22 +131,84 @@ def load_pipeline(args, checked: bool = False):
                            "shapes (weights/trained, 18 MB; it draws coloured shapes, not photos)")
     record.say(args, record.loading_line(record.weights_record(args)))
     pipe = Pipeline.load(weights, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-                         offload=args.offload, **record.component_files(args))
+                         offload=args.offload, loras=loras(args), **record.component_files(args))
     if args.steps is None:  # the checkpoint's rule (28 dev, 4 schnell), known once it is loaded: recorded as run
         args.steps = freecus_steps(pipe) if args.command == "freecus" else pipe.default_steps
     return pipe
 
 
+def loras(args) -> list[tuple[str, float]]:
+    """--lora PATH[:SCALE] (repeatable) -> Pipeline.load's loras=[(path, scale), ...]."""
+    return [parse_lora_arg(text) for text in getattr(args, "lora", None) or []]
+
+
 def cmd_generate(args) -> None:
     if args.num_images < 1:
         raise SystemExit("error: --num-images must be >= 1")
+    if args.control:  # the output has the control map's size unless given (then they must agree: family.py)
+        im = open_image(args.control, "--control")
+        args.height, args.width = args.height or im.height, args.width or im.width
     apply_defaults(args)
     cfg = check_cfg(args)
     todo = record.plan(args)
     pipe = load_pipeline(args)
     record.run(args, pipe, "generate", todo, lambda prompt, seed: pipe.generate(
         prompt, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance, seed=seed,
-        progress=not args.quiet, negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg), cfg)
+        progress=not args.quiet, negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg,
+        control_image=args.control), {**cfg, **({"control": args.control} if args.control else {})})
+
+
+def require_member(args, variant: str, message: str) -> None:
+    """The FLUX.1 family member of the transformer the options name, from its header (nothing loads; a
+    repository root as Pipeline.load reads it, so a diffusers Kontext folder is told by its model_index.json)."""
+    src = record.component_files(args).get("transformer") or record.weights_root(args)
+    have = open_transformer(src)[1].variant
+    if have != variant:
+        raise ValueError(f"{message}; the weights are FLUX.1 {have}")
+
+
+def cmd_fill(args) -> None:
+    """FLUX.1 Fill (family.py): --mask inpaints, --canvas outpaints."""
+    if (args.mask is None) == (args.canvas is None):
+        raise SystemExit("error: fill needs --mask (inpaint) or --canvas WxH (outpaint), one of them")
+    canvas = int_list(args.canvas, 2, "--canvas (WxH)", sep="x") if args.canvas else None
+    offset = None if args.offset is None else int_list(args.offset, 2, "--offset (x,y)")
+    guidance = args.guidance  # FLUX.1 Fill's 30 unless given (not the model folder's generate default)
+    apply_defaults(args, sized=False)
+    args.guidance = family.FILL_GUIDANCE if guidance is None else guidance
+    args.steps = family.FILL_STEPS if args.steps is None else args.steps
+    require_member(args, "fill", "minidit fill needs a FLUX.1 Fill model (img_in 384 wide)")
+    if canvas is None:
+        family.fill_inputs(args.image, args.mask, args.height, args.width)  # sizes checked before loading
+    else:
+        validate.image_size(canvas[1], canvas[0], what="canvas ")
+    todo = record.plan(args)
+    pipe = load_pipeline(args)
+
+    def one(prompt, seed):
+        kw = dict(steps=args.steps, guidance=args.guidance, seed=seed, progress=not args.quiet)
+        if canvas is not None:
+            return pipe.fill_outpaint(args.image, prompt, canvas, offset=offset, **kw)
+        return pipe.fill(args.image, args.mask, prompt, height=args.height, width=args.width,
+                         strength=args.strength, **kw)
+    record.run(args, pipe, "fill", todo, one, {"image": args.image, "mask": args.mask or "the new area",
+                                               "canvas": args.canvas or "", "strength": args.strength})
+
+
+def cmd_kontext(args) -> None:
+    """FLUX.1 Kontext (family.py): one or several --image references."""
+    require_member(args, "kontext", "minidit kontext needs a FLUX.1 Kontext model (flux1-kontext-dev*)")
+    guidance = args.guidance  # BFL's 2.5 unless given
+    apply_defaults(args, sized=False)
+    args.guidance = family.KONTEXT_GUIDANCE if guidance is None else guidance
+    args.steps = family.KONTEXT_STEPS if args.steps is None else args.steps
+    cfg = check_cfg(args)
+    todo = record.plan(args)
+    pipe = load_pipeline(args)
+    record.run(args, pipe, "kontext", todo, lambda prompt, seed: pipe.kontext(
+        args.image, prompt, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
+        seed=seed, negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg, progress=not args.quiet),
+        {"images": ";".join(args.image), **cfg})
 
 
 def cmd_img2img(args) -> None:
@@ -171,6 +234,8 @@ def cmd_freecus(args) -> None:
         raise SystemExit("error: --num-images must be >= 1")
     if args.no_ans and args.mu_shift_type is not None:
         raise SystemExit("error: --no-ans means --mu-shift-type target: give one of them, not both")
+    if args.scene and args.guidance is None:  # FreeCus on FLUX.1 Fill: Fill's guidance 30
+        args.guidance = family.FILL_GUIDANCE
     apply_defaults(args)
     vital = None
     if args.vital_layers is not None:
@@ -192,7 +257,9 @@ def cmd_freecus(args) -> None:
     ref = Reference(args.ref, mask_arg(args.mask), args.ref_prompt)
     record.run(args, pipe, "freecus", todo, lambda prompt, seed: freecus(
         pipe, prompt, ref, caption=args.caption, preset=settings, seed=seed, steps=args.steps,
-        guidance=args.guidance, height=args.height, width=args.width, progress=not args.quiet), {
+        guidance=args.guidance, height=args.height, width=args.width, progress=not args.quiet,
+        image=args.scene, mask=args.region, control_image=args.control), {
+        **{k: v for k in ("scene", "region", "control") if (v := getattr(args, k))},
         "steps": args.steps, "ref": args.ref, "mask": args.mask or "whole image",
         "ref_prompt": args.ref_prompt or "the prompt", "caption": args.caption or "",
         "preset": args.preset, **settings.asdict()})
@@ -352,12 +419,16 @@ def check_inputs(args) -> None:
         refs = args.ref if isinstance(args.ref, list) else [args.ref]
         masks = args.mask if isinstance(args.mask, list) else [args.mask] * len(refs)
         pairs += [(r, m, "--ref") for r, m in zip(refs, masks if len(masks) == len(refs) else [None] * len(refs))]
-    if getattr(args, "scene", None):
+    if getattr(args, "scene", None) and args.command == "personalize":  # freecus' Fill scene is resized
         pairs.append((args.scene, args.scene_mask, "--scene"))
     if getattr(args, "image", None) and args.command == "inpaint":  # the output has its size: multiples of 16
         pairs.append((args.image, args.mask, "--image"))
-    elif getattr(args, "image", None):  # img2img resizes it, outpaint pastes it: any size
-        open_image(args.image, "--image")
+    elif getattr(args, "image", None):  # img2img resizes it, outpaint and fill paste it: any size; kontext: several
+        for image in args.image if isinstance(args.image, list) else [args.image]:
+            open_image(image, "--image")
+    for flag in ("control", "region", "scene"):
+        if getattr(args, flag, None):
+            open_image(getattr(args, flag), f"--{flag}")
     for image, mask, flag in pairs:  # (x, y, w, h) box masks are checked against their image here too
         load_reference(Reference(image, mask_arg(mask)), what=f"{flag} {image}")
     args.outputs = output_paths(args.output, getattr(args, "total_images", n))  # prompts x seeds x n (cli)
@@ -372,4 +443,5 @@ def utf8(text: str) -> bool:
 
 
 COMMANDS = {"generate": cmd_generate, "img2img": cmd_img2img, "info": cmd_info, "freecus": cmd_freecus,
-            "personalize": cmd_personalize, "inpaint": cmd_inpaint, "outpaint": cmd_outpaint}
+            "personalize": cmd_personalize, "inpaint": cmd_inpaint, "outpaint": cmd_outpaint, "fill": cmd_fill,
+            "kontext": cmd_kontext}
