@@ -347,6 +347,11 @@ def test_cli_family_commands_and_lora_record(repos, tmp_path, monkeypatch):
         Image.open(tmp_path / "control.png").text["parameters"]
     same = ours(repos, "dev+lora", "lora").generate("a robot", control_image=tmp_path / "depth.png", steps=1, seed=3)
     assert np.array_equal(np.asarray(same[0]), np.asarray(Image.open(tmp_path / "control.png").convert("RGB")))
+    for png, extra in (("fill.png", []), ("control.png", ["--lora", f"{lora}:0.8"])):  # --from-png: the same pixels
+        main(["fill" if png == "fill.png" else "generate", "--from-png", str(tmp_path / png), "--weights",
+              str(repos["fill"][0] if png == "fill.png" else base), *extra, "--quiet", "--output",
+              str(tmp_path / f"again-{png}")])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / png)), np.asarray(Image.open(tmp_path / f"again-{png}")))
     monkeypatch.setattr(family, "PREFERRED_KONTEXT_RESOLUTIONS", [(32, 32)])  # the real ones are ~1 MP: slow
     main(["kontext", "--weights", str(repos["kontext"][0]), "--image", str(tmp_path / "room.png"), "--image",
           str(tmp_path / "depth.png"), "--prompt", "x", *fast,
