@@ -37,11 +37,13 @@ checkpoint, written every few minutes):
          (object_weights, a deviation from FLUX's plain mean); --tune-text-lr > 0 trains both text encoders
          jointly, and export then writes the tuned T5 and CLIP.
   export the repository: flux1-schnell.safetensors + transformer/, ae.safetensors + vae/, text_encoder(_2)/,
-         tokenizer(_2)/, scheduler/ (dev-like dynamic shifting), model_index.json; all fp16.
+         tokenizer(_2)/, scheduler/ (dev-like dynamic shifting), model_index.json, minidit.json (DEFAULTS); all
+         weights fp16.
 
 Devices (--device): every stage runs on the one device given; on CUDA the forward passes run under bf16 autocast
 (fp32 weights and optimizer), on the CPU in fp32 (--bf16 / --no-bf16 override). Random draws (scenes, captions,
-times, noise) come from CPU generators on every device, so a run's data stream does not depend on the device.
+times, noise) come from CPU generators on every device, so a run's data stream does not depend on the device;
+--workers N processes render the world's images for the ae and data stages (the bottleneck on a GPU).
 """
 from __future__ import annotations
 
