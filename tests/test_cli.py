@@ -159,3 +159,14 @@ def test_plain_progress_loading_and_closing_lines_warnings_and_quiet(repo, tmp_p
     r = cli("generate", "--weights", repo, "--prompt", "x", "--seed", "1", *FAST, "--quiet", "--output", tmp_path / "q.png")
     assert r.returncode == 0 and r.stderr == "" and r.stdout == "" and (tmp_path / "q.png").exists()
     assert json.loads(Image.open(tmp_path / "q.png").text["minidit"])["seed"] == 1
+
+
+def test_minidit_eval_is_the_harness(capsys):
+    """`minidit eval ...` hands its options to the harness's own parser (python -m minidit.eval)."""
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: minidit eval") and "--metric-dino" in out
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--world"])
+    assert "--out" in capsys.readouterr().err

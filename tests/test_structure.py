@@ -13,7 +13,7 @@ MAX_LINES = 450
 # first-party modules that may be imported inside a function: they need an optional dependency (triton)
 # minidit.cli.commands (imports torch): imported by minidit.cli.main only after the arguments parse, so that
 # `minidit --help` and usage errors answer without waiting seconds for torch (issue 25; tests/test_cli_checks.py)
-LAZY_OK = {"minidit.kernels.ref_attention", "minidit.cli.commands"}
+LAZY_OK = {"minidit.kernels.ref_attention", "minidit.cli.commands", "minidit.eval.command"}
 OPTIONAL = {"triton", "sentencepiece", "tokenizers"}  # third-party packages that may be imported lazily
 
 

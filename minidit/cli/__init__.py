@@ -12,7 +12,8 @@ Why one import sits inside `main`: `--help` and a usage error must answer at onc
 seconds (6-11 s on a loaded machine; bench/cli_start.py). So this module and args.py import nothing that imports
 torch (args.py reads its defaults from the torch-free minidit.defaults; minidit/__init__.py resolves its
 re-exports lazily, PEP 562), and `main` imports commands.py, which needs torch, only after the arguments parsed.
-tests/test_structure.py lists this one lazy first-party import in LAZY_OK; tests/test_cli_checks.py checks that
+`minidit eval` hands its options to minidit/eval/command.py the same way. tests/test_structure.py lists these
+lazy first-party imports in LAZY_OK; tests/test_cli_checks.py checks that
 `minidit --help` imports no torch.
 """
 from __future__ import annotations
@@ -38,6 +39,9 @@ def interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if [a for a in argv if a != "--debug"][:1] == ["eval"]:  # the harness parses its own options
+        from ..eval.command import main as evaluate  # lazily, like commands.py: it needs torch
+        return evaluate([a for a in argv if a != "--debug"][1:], prog="minidit eval")
     parser = build_parser()
     if "--from-png" in argv or any(a.startswith("--from-png=") for a in argv):  # --image, --ref, ...: recorded
         for p in parser.subcommands.values():

@@ -263,6 +263,8 @@ EXAMPLES = {
                  "minidit generate --from-png cats/generate-0002.png --output again.png   # the same pixels"],
     "img2img": ['minidit img2img --image photo.png --prompt "the same photo as a watercolour" --strength 0.6'],
     "info": ["minidit info ~/models/FLUX.1-dev"],
+    "eval": ["minidit eval --world --out runs/world --steps 16 --methods plain,personalize:official,freecus:paper",
+             "minidit eval --help   # every option of the harness (the same as python -m minidit.eval --help)"],
     "freecus": ['minidit freecus --ref cat.png --mask cat_mask.png --prompt "a cat wearing a space suit" '
                 '--caption "a grey tabby cat"'],
     "personalize": ['minidit personalize --ref cat.png --mask cat_mask.png --prompt "a cat on the beach" '
@@ -299,6 +301,9 @@ def build_parser() -> Parser:
     add_freecus_parser(sub)
     add_personalize_parsers(sub)
     add_family_parsers(sub)
+    # `minidit eval ...` is handed whole to the harness's own parser (minidit/eval/command.py) by main()
+    p = sub.add_parser("eval", help="the DreamBench evaluation harness (python -m minidit.eval)", add_help=False)
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the harness's options: minidit eval --help")
     parser.subcommands = dict(sub.choices)
     for name, p in parser.subcommands.items():
         p.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])

@@ -1,4 +1,4 @@
-"""`python -m minidit.eval` (and, once wired, `minidit eval`): options, their checks, the run.
+"""`minidit eval` / `python -m minidit.eval`: options, their checks, the run.
 
     python -m minidit.eval --world --out runs/world --steps 16 \\
         --methods "plain,personalize:official,personalize:paper+tau=0.6|0.7|0.8|0.9,freecus:paper,freecus:paper+no-ans,freecus:paper+lambda=1,freecus:paper+no-caption"
@@ -144,15 +144,15 @@ def check_masks(subjects, rows, height: int | None, width: int | None) -> None:
                                                         f"({rule!r} rule)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minidit.eval", description=__doc__.split("\n\n")[0],
+def build_parser(prog: str = "python -m minidit.eval") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m minidit.eval") -> None:
+    args = build_parser(prog).parse_args(argv)
     try:
         plan = make_plan(args)
     except (ValueError, CheckpointError, OSError) as e:
