@@ -131,7 +131,7 @@ def test_cli_checks_the_output_before_loading(tmp_path, no_load):
     (["--height", "0"], "--height must be >= 16"),
     (["--width", "100000"], "--width must be <= 16384"),
     (["--seed", str(2 ** 64)], "--seed must be <= "),
-    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", "-2"], "--seed must be >= 0 (or -1 for a random seed)"),
     (["--steps", "1000000"], "--steps must be <= 1000"),
     (["--guidance", "nan"], "--guidance is nan"),
     (["--guidance", "inf"], "--guidance is inf"),
@@ -422,10 +422,10 @@ def test_usage_errors_are_one_line_exit_1(tmp_path, capsys):
 
 
 def test_negative_numbers_parse(tmp_path, monkeypatch):
-    from minidit.cli import args as cli_args
+    from minidit.cli import commands
     seen = {}
-    monkeypatch.setattr(cli_args, "cmd_outpaint", lambda a: seen.update(offset=a.offset))
-    monkeypatch.setattr(cli_args, "cmd_personalize", lambda a: seen.update(off=a.offset))
+    monkeypatch.setitem(commands.COMMANDS, "outpaint", lambda a: seen.update(offset=a.offset))
+    monkeypatch.setitem(commands.COMMANDS, "personalize", lambda a: seen.update(off=a.offset))
     main(["outpaint", "--prompt", "x", "--image", "i.png", "--canvas", "64x64", "--offset", "-16,0"])
     main(["personalize", "--prompt", "x", "--ref", "r.png", "--offset", "-16,-32", "--offset", "16,0"])
     assert seen == {"offset": "-16,0", "off": ["-16,-32", "16,0"]}
@@ -483,11 +483,11 @@ def test_sigterm_during_a_write_leaves_the_old_file(tmp_path):
 import sys, time
 from PIL import Image
 from minidit import cli, image
-from minidit.cli import args
+from minidit.cli import commands
 def slow_save(self, fp, *a, **k):
     fp.write(b"partial"); fp.flush(); print("writing", flush=True); time.sleep(60)
 Image.Image.save = slow_save
-args.cmd_info = lambda a: image.save_png(Image.new("RGB", (16, 16)), {str(out)!r})
+commands.COMMANDS["info"] = lambda a: image.save_png(Image.new("RGB", (16, 16)), {str(out)!r})
 cli.main(["info", "x"])
 """
     p = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

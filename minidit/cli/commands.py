@@ -405,6 +405,8 @@ def check_inputs(args) -> None:
         validate.integer("--steps", args.steps, 1, validate.MAX_STEPS)
     validate.number("--guidance", args.guidance, 0.0, validate.MAX_GUIDANCE)
     for s in (args.seed if isinstance(args.seed, list) else [args.seed]):  # the CLI's --seed takes several
+        if isinstance(s, int) and s < 0:  # -1 was replaced by a random seed before this check
+            raise ValueError(f"--seed must be >= 0 (or -1 for a random seed), got {s}")
         validate.integer("--seed", s, 0, validate.SEED_END - n)  # image i of a batch uses seed + i
     ranges = {"lambda_ref": (0, validate.MAX_LAMBDA, True), "lambda_prompt": (0, validate.MAX_LAMBDA, True),
               "tau": (0, 100, False), "strength": (0, 1, True), "true_cfg": (1, validate.MAX_GUIDANCE, False)}
