@@ -70,7 +70,7 @@ def open_transformer(path, cfg: FluxConfig | None = None) -> tuple:
         if config_file.exists():
             axes_dim = tuple(read_json(config_file, "transformer config").get("axes_dims_rope", axes_dim or ())) or axes_dim
         index = Path(path) / "model_index.json"
-        kontext = repo_root and index.is_file() and "Kontext" in str(read_json(index, "model index").get("_class_name"))
+        kontext = repo_root and index.exists() and "Kontext" in str(read_json(index, "model index").get("_class_name"))
         blocks = lambda p: len({k.split(".")[1] for k in sd if k.startswith(p)})  # noqa: E731
         sd = Converted(sd, diffusers_to_bfl_plan(blocks("transformer_blocks."), blocks("single_transformer_blocks."),
                                                  "time_text_embed.guidance_embedder.linear_1.weight" in sd))

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .files import safetensors_header
 from .loading import CheckpointError, Converted, LazyStateDict
 from .transformer import Flux, FluxConfig, diffusers_to_bfl_plan
 
@@ -157,9 +158,8 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 def header_fingerprint(path: Path) -> str:
     """sha256 (first 16 hex digits) of the safetensors header: tensor names, shapes, dtypes, offsets, metadata."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return hashlib.sha256(n.to_bytes(8, "little") + fh.read(n)).hexdigest()[:16]
+    data = safetensors_header(path, "LoRA", CheckpointError)  # files.py: a regular file, a bounded header
+    return hashlib.sha256(len(data).to_bytes(8, "little") + data).hexdigest()[:16]
 
 
 def peft_alpha(meta: dict[str, str], path: Path) -> tuple[float, float, dict, dict] | None:
