@@ -17,18 +17,18 @@ object of known keys, each value type- and range-checked; anything else is one e
 Every entry point (Pipeline.generate, __call__, img2img, personalize, inpaint, outpaint, freecus) and the CLI
 take their unset values from `Pipeline.defaults`, so the API and the CLI draw the same picture.
 
-This module imports neither torch nor the rest of minidit: the CLI's argument parser needs these values for
-`--help`, which must not wait for torch (issue 25, bench/cli_start.py). The methods' constants live here for
-that reason; personalize.py and freecus.py import them (their comments there name the authors' code).
+This module imports neither torch nor any minidit module but files.py (the standard library only): the CLI's
+argument parser needs these values for `--help`, which must not wait for torch (issue 25, bench/cli_start.py).
+The methods' constants live here for that reason; personalize.py and freecus.py import them (their comments there name the authors' code).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import stat
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from .files import read_json
 
 FILE = "minidit.json"
 MAX_BYTES = 64 << 10
@@ -73,22 +73,12 @@ class ModelDefaults:
             return cls()
         file = Path(root) / FILE
         try:
-            st = os.stat(file)
-        except FileNotFoundError:
+            os.stat(file)
+        except FileNotFoundError:  # no minidit.json: FLUX.1's defaults
             return cls()
-        except OSError as e:
-            raise ValueError(f"{file}: cannot read ({e.strerror})") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{file}: not a regular file")
-        if st.st_size > MAX_BYTES:
-            raise ValueError(f"{file}: {st.st_size} bytes, more than a settings file can be ({MAX_BYTES})")
-        try:
-            with open(file, "rb") as f:
-                data = json.loads(f.read(MAX_BYTES + 1).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise ValueError(f"{file}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
-        except OSError as e:
-            raise ValueError(f"{file}: cannot read ({e.strerror})") from None
+        except OSError:
+            pass  # the reader below names the problem
+        data = read_json(file, "model defaults", MAX_BYTES, ValueError)  # files.py: the one guarded reader
         return cls.from_dict(data, str(file))
 
     @classmethod

@@ -225,6 +225,7 @@ def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, v
     B, N = img.shape[:2]
     check_conditioning(model, img, img_cond, img_cond_seq, img_cond_seq_ids)
     x_in, ids_in = with_conditioning(img_cond, img_cond_seq, img_cond_seq_ids)
+    ids = ids_in(img_ids)  # the same every step
     g = guidance_vector(model, B, guidance, img.device, img.dtype)
     bar = Progress(len(timesteps) - 1, progress, desc)
     for i, (t, t_next) in enumerate(zip(timesteps[:-1].tolist(), timesteps[1:].tolist())):
@@ -232,7 +233,7 @@ def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, v
         extra = None
         if branch is not None:
             img, extra = branch.before(i, t, img)
-        x, ids = x_in(img), ids_in(img_ids)
+        x = x_in(img)
         if extra is None:
             pred = model(x, ids, txt, txt_ids, tt, vec, g)[:, :N]
         else:  # the batch [branch items; targets]
