@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import stat
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from .files import open_regular
 from .validate import MAX_SIDE
 
 MULTIPLE = 16
@@ -55,17 +55,16 @@ def open_image(src: str | Path | Image.Image, what: str) -> Image.Image:
         raise TypeError(f"{what} must be a path or a PIL image, got {type(src).__name__}")
     path = Path(src)
     try:
-        mode = os.stat(path).st_mode
+        os.stat(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
-    except OSError as e:
-        raise ValueError(f"{what} {path}: cannot read ({e.strerror})") from None
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{what} {path}: not a regular file")
+    except OSError:
+        pass  # open_regular names it
+    f = open_regular(path, what, None, ValueError)  # files.py: a regular file, refused from stat, never blocks
     try:
-        with warnings.catch_warnings():
+        with f, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(f) as im:
                 if max(im.size) <= MAX_SIDE:  # from the header, before any pixel is decoded
                     im.load()
                     return ImageOps.exif_transpose(im)  # a new, loaded image either way
