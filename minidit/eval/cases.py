@@ -28,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..files import read_text
 from ..loading import plain_name
 
 LIVE_CLASSES = ("dog", "cat")
@@ -65,17 +66,6 @@ class Case:
     prompt_index: int
     prompt: str
     truth: dict | None = None          # --world: what the prompt asks for (the detectors' ground truth)
-
-
-def _read_text(path: Path, flag: str) -> str:
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: not found")
-    if path.stat().st_size > MAX_TEXT_BYTES:
-        raise ValueError(f"{flag} {path}: larger than {MAX_TEXT_BYTES >> 20} MiB")
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{flag} {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
 def parse_prompts_and_classes(text: str, where: str) -> tuple[dict[str, str], list[str], list[str]]:
@@ -126,7 +116,7 @@ def read_dreambench(folder: str | Path, subjects: list[str] | None = None) -> tu
     if not folder.is_dir():
         raise ValueError(f"{flag} {folder}: not a folder")
     file = folder / "prompts_and_classes.txt"
-    classes, objects, live = parse_prompts_and_classes(_read_text(file, flag), f"{flag} {file}")
+    classes, objects, live = parse_prompts_and_classes(read_text(file, flag, MAX_TEXT_BYTES, ValueError), f"{flag} {file}")
     names = list(classes)
     if subjects:
         unknown = [s for s in subjects if s not in classes]
@@ -209,7 +199,7 @@ def with_captions(subjects: list[Subject], file: str | Path | None) -> list[Subj
     if file is None:
         return subjects
     file = Path(file)
-    text = _read_text(file, "--captions")
+    text = read_text(file, "--captions", MAX_TEXT_BYTES, ValueError)
     if file.suffix.lower() == ".json":
         try:
             d = json.loads(text)

@@ -22,7 +22,6 @@ device type, threads, metric checkpoints); an OUT holding another run is refused
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .. import __version__
+from ..files import sha256
 from ..image import save_png
 from ..masks import Reference
 from ..pipeline import Pipeline
@@ -227,7 +227,7 @@ def read_lines(path: Path) -> dict[str, dict]:
 
 @functools.lru_cache(maxsize=256)
 def file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return sha256(path, "reference", error=ValueError)[:16]  # files.py: the guarded reader
 
 
 def png_info(plan: Plan, row: methods.Row, case: Case, seed: int, size: tuple[int, int], steps: int,
