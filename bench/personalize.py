@@ -81,7 +81,8 @@ def bench_pipeline(args, device) -> list[tuple[str, float, float, float]]:
 def bench_loop(model, args, device, dtype) -> list[tuple[str, float, float, float]]:
     from minidit import sampling
     from minidit.masks import token_indices, token_mask
-    from minidit.personalize import PersonalizeSettings, ReferenceTrajectory, replace_steps
+    from minidit.personalize import PersonalizeSettings, replace_steps
+    from minidit.trajectory import ReferenceTrajectory
     from minidit.regions import Region
     H = W = args.size
     N, L, cfg = (H // 16) * (W // 16), args.txt_len, model.cfg

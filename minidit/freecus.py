@@ -78,7 +78,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -89,6 +89,7 @@ from . import family, sampling, validate
 from .defaults import LAMBDA_PROMPT, LAMBDA_REF, MU_SHIFT_TYPES
 from .masks import Reference, load_reference, require_nonempty, token_indices, token_mask_rule
 from .presets import Settings, check_choice, document_settings
+from .refcache import Entry, ReferenceCache
 from .refstate import RefState
 
 FLUX1_VITAL_LAYERS = (0, 1, 2, 17, 18, 25, 28, 53, 54, 56)  # for 19 double + 38 single blocks
@@ -230,12 +231,14 @@ class NoisedReference:
     targets, told the time t_i (ref_time="target", the authors' code) or σ'_i ("sigma"); its subject tokens
     `subject` (K,) share their keys/values on the vital layers (`freecus_refstate`), after the last of which the
     reference leaves the batch. It has no trajectory of its own: its output is never used. ids (1, N, 3), txt
-    (1, L, C), txt_ids (1, L, 3), vec (1, V): the reference's positions and prompt."""
+    (1, L, C), txt_ids (1, L, 3), vec (1, V): the reference's positions and prompt. `kept` (a refcache.Entry):
+    the reference runs in a pass of its own before the targets', each step's keys/values are kept there, and a
+    step already kept is read instead of run."""
 
     def __init__(self, model, x_ref: Tensor, ref_noise: Tensor, ref_sigmas: Tensor, subject: Tensor, ids: Tensor,
                  txt: Tensor, txt_ids: Tensor, vec: Tensor, vital_layers: Iterable[int] | None = None,
                  lambda_ref: float = LAMBDA_REF, lambda_prompt: float = LAMBDA_PROMPT, mask_mode: str = "exclude",
-                 ref_time: str = "target", cond: Tensor | None = None):
+                 ref_time: str = "target", cond: Tensor | None = None, kept: Entry | None = None):
         cfg = model.cfg
         if vital_layers is None:
             vital_layers = default_vital_layers(cfg.depth, cfg.depth_single_blocks)
@@ -255,6 +258,7 @@ class NoisedReference:
         self.ids, self.txt, self.txt_ids, self.vec, self.cond = ids, txt, txt_ids, vec, cond  # cond: Fill/control
         self.state = freecus_refstate(subject.to(x_ref.device), vital, lambda_ref, lambda_prompt, mask_mode)
         self.active = bool(vital)  # (check_vital_layers refuses an empty list; a test may patch it to allow one)
+        self.kept, self.pending = kept, None
 
     def before(self, i: int, t: float, img: Tensor) -> tuple[Tensor, sampling.BranchInputs | None]:
         if not self.active:  # nothing shared: plain sampling, the reference is not run
@@ -267,10 +271,23 @@ class NoisedReference:
         sigma = float(self.ref_sigmas[i])
         z = noised_reference(self.x_ref, self.ref_noise, sigma).to(img.dtype)      # (1, N, 64) at noise level σ'_i
         tt = torch.full((1,), sigma if self.ref_time == "sigma" else t, device=img.device, dtype=img.dtype)
-        return img, sampling.BranchInputs(z, self.ids, self.txt, self.txt_ids, self.vec, tt, self.state, self.cond)
+        if self.kept is None:  # one batch [reference; targets]
+            return img, sampling.BranchInputs(z, self.ids, self.txt, self.txt_ids, self.vec, tt, self.state,
+                                              self.cond)
+        if self.kept.cached(i):  # the step's keys/values were kept: the reference does not run
+            self.kept.cache.hits += 1
+            return img, sampling.BranchInputs(z[:0], self.ids[:0], self.txt[:0], self.txt_ids[:0], self.vec[:0],
+                                              tt[:0], replace(self.state, kept=self.kept.rows[i]),
+                                              None if self.cond is None else self.cond[:0], separate=True)
+        self.pending = self.state.recording()  # the reference alone, keeping what the targets read
+        return img, sampling.BranchInputs(z, self.ids, self.txt, self.txt_ids, self.vec, tt, self.pending, self.cond,
+                                          separate=True)
 
     def after(self, i: int, t: float, t_next: float, v: Tensor, img: Tensor) -> Tensor:
-        return img  # the reference is re-noised from x_ref at every step: nothing to carry
+        """The reference is re-noised from x_ref at every step: nothing to carry (but the rows to keep)."""
+        if self.kept is not None and not self.kept.cached(i):
+            self.kept.keep(i, self.pending.kept, None)
+        return img
 
 
 @dataclass(frozen=True)
@@ -331,7 +348,8 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
             seed: int | list[int] = 0, steps: int | None = None, guidance: float | None = None,
             height: int | None = None, width: int | None = None, num_images: int = 1, ref_seed: int | None = None,
             preset: str | FreeCusSettings = "paper", progress: bool = False, return_latents: bool = False,
-            image=None, mask=None, control_image=None, reference_control=None, **settings):
+            image=None, mask=None, control_image=None, reference_control=None, cache: ReferenceCache | None = None,
+            **settings):
     """FreeCus: `num_images` images per prompt of the subject of `reference` (Reference(image, mask, prompt)).
     On FLUX.1 Fill: image= the scene, mask= the region to inpaint the subject into (white); on a control model:
     control_image= the targets' depth/edge map, reference_control= the reference's (default the same): see
@@ -346,7 +364,9 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
     keyword overrides just that field (`FreeCusSettings.resolve(preset, **settings)`): λ_r = lambda_ref on the
     reference keys, λ_p = lambda_prompt on the target's text keys, both on vital layers only; vital_layers:
     attention-layer indices (double blocks then single blocks), None = `default_vital_layers` of the loaded
-    model; mu_shift_type: see `reference_sigmas` ("target": no ANS)."""
+    model; mu_shift_type: see `reference_sigmas` ("target": no ANS).
+    cache: a refcache.ReferenceCache shared by calls whose reference pass is the same (the same reference, seed
+    and reference prompt: give `reference.prompt` to share it across target prompts), read bit-identically."""
     s = FreeCusSettings.resolve(preset, **settings)
     scene, region = image, mask  # (the names image/mask are the reference's below)
     if isinstance(reference, (list, tuple)):
@@ -386,10 +406,13 @@ def freecus(pipe, prompt: str | list[str], reference: Reference, caption: str | 
     timesteps = pipe.schedule(steps, height, width)
     sigmas = reference_sigmas(steps, seq_len, mu=s.mu(height, width), shift_type=s.mu_shift_type,
                               timesteps=timesteps)
+    ids = sampling.image_ids(1, height, width, pipe.device)
+    kept = None if cache is None else cache.entry(
+        "freecus", id(pipe.transformer), str(pipe.dtype), x_ref, eps, sigmas, subject, ids, txt[:1], txt_ids[:1],
+        vec[:1], ref_cond, vital, s.lambda_ref, s.lambda_prompt, s.mask_mode, s.ref_time, timesteps, guidance)
     with pipe.use(pipe.transformer) as model:
-        branch = NoisedReference(model, x_ref, eps, sigmas, subject, sampling.image_ids(1, height, width, pipe.device),
-                                 txt[:1], txt_ids[:1], vec[:1], vital, s.lambda_ref, s.lambda_prompt, s.mask_mode,
-                                 s.ref_time, cond=ref_cond)
+        branch = NoisedReference(model, x_ref, eps, sigmas, subject, ids, txt[:1], txt_ids[:1], vec[:1], vital,
+                                 s.lambda_ref, s.lambda_prompt, s.mask_mode, s.ref_time, cond=ref_cond, kept=kept)
         img = sampling.denoise(model, img, sampling.image_ids(B, height, width, pipe.device), txt[1:], txt_ids[1:],
                                vec[1:], timesteps, guidance, progress, branch=branch, desc="freecus", img_cond=cond)
     img = finish(img)

@@ -15,12 +15,14 @@ Follow one token from the reference image into the target
    patch) and *inverted* (inversion.py): a controlled rectified-flow ODE from t = 0 (image) to t = 1 (noise)
    pulls it onto one seeded noise sample ε; with γ = 1 (the authors' value) the inverted latent is exactly ε.
 2. Generation runs ONE batch  [ref_0, ..., ref_{n-1}, target_0, ...]  through `sampling.denoise`, whose branch
-   is a `ReferenceTrajectory`: the reference items start from their inverted latents and *re-trace* their image
-   with the controlled reverse ODE  v̂ = v + η (v_cond - v),  v_cond = (x - y0) / t  (RF-Inversion Alg. 2). With
+   is a `ReferenceTrajectory` (trajectory.py): the reference items start from their inverted latents and
+   *re-trace* their image with the controlled reverse ODE  v̂ = v + η (v_cond - v),  v_cond = (x - y0) / t  (RF-Inversion Alg. 2). With
    η = 1 (steps start·n <= i < stop·n, the authors' 0 and 0.99) the reference stays on the path
    x_t = (1 - t)·y0 + t·ε, so at every step and every layer its tokens are the reference image's tokens at the
    current noise level, computed by the same network as the target: nothing is stored, the reference is simply
    one more batch item. `decay_eta` multiplies η by (1 - i/n)^eta_decay_power (the released pipeline's option).
+   (With a `cache=` (refcache.py) the references run in a forward pass of their own before the targets' and
+   what the targets read is kept, so other prompts of the same reference read it instead of recomputing it.)
 3. Pick a subject token at (row, col) of the reference's token grid; its flat index p = row·w + col is in `src`.
    Layout control moves it to p' = p + dy·w + dx in the target (`dst`, regions.py): a translation by an offset,
    or the one that centres the subject in a target box. Patch perturbation (personalization only) first dilates
@@ -78,8 +80,9 @@ from .inversion import GAMMA, INVERSION_GRIDS, INVERT_GUIDANCE, Inversion, inver
 from .masks import (Reference, image_tensor, load_reference, pixel_mask, require_nonempty, resize_image,
                     token_indices, token_mask_rule)
 from .presets import Settings, check_choice, document_settings
-from .refstate import RefState
-from .regions import PASTES, Region, copy_tokens, keep_tokens, outpaint_canvas, placement_offset, plan_regions
+from .refcache import ReferenceCache
+from .regions import PASTES, Region, keep_tokens, outpaint_canvas, placement_offset, plan_regions
+from .trajectory import ReferenceTrajectory
 
 TAU_OFFICIAL = 50.0   # gradio_demo.py: the Tau slider's default, in percent, compared with the shifted time
 ETA = 1.0             # RF-Inversion controller strength (reference branch during generation)
@@ -231,70 +234,6 @@ def tau_threshold(tau: float, image_seq_len: int, shift: bool = True) -> float:
 
 # --------------------------------------------------------------------------------------------- the branch
 
-class ReferenceTrajectory:
-    """The reference branch of `sampling.denoise`: the references' own trajectories in front of the targets.
-
-    x_ref (n, N, 64) the references' inverted latents, y0 (n, N, 64) their clean latents, ids (n, N, 3) and
-    txt / txt_ids / vec (n, ...) their positions and prompts; regions: one per reference (empty: no
-    replacement, e.g. `reconstruct`). Steps i < n_replace replace tokens (RefState.replace); later steps share
-    the reference tokens as keys/values when `s.concat` (with concat_steps="all" at every step and for every
-    item, references included). `blend` sets the targets' latents in the regions to the references' at the
-    replacement steps and once after the last one (editing). η acts on steps [start·n, stop·n). The references
-    leave the batch once nothing reads them (unless `keep`). `trace` (tests): one dict per step (step, t, n_ref,
-    replace, share, x = the step's input latents [references; targets], layers = RefState's records)."""
-
-    def __init__(self, x_ref: Tensor, y0: Tensor, ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor,
-                 regions: list[Region], steps: int, s: _RFSettings, *, n_replace: int, blend: bool = False,
-                 keep: bool = False, trace: list | None = None):
-        self.n = n = x_ref.shape[0]
-        self.x, self.y0, self.ids, self.txt, self.txt_ids, self.vec = x_ref, y0.float(), ids, txt, txt_ids, vec
-        self.steps, self.s, self.n_replace, self.blend, self.trace = steps, s, n_replace, blend, trace
-        self.regions = [Region(r.src.to(x_ref.device), r.dst.to(x_ref.device), r.mask_op) for r in regions]
-        self.early = self.late = None
-        if regions:
-            if len(regions) != n:
-                raise ValueError(f"need one region per reference: {n} references, {len(regions)} regions")
-            src, dst = [r.src for r in self.regions], [r.dst for r in self.regions]
-            every = s.concat and s.concat_steps == "all"
-            self.early = RefState(n, src, dst, replace=True, share=every, positions=s.positions, share_refs=every)
-            self.late = (RefState(n, src, dst, share=True, positions=s.positions, share_refs=every)
-                         if s.concat else None)
-        elif n and (n_replace or s.concat or blend):
-            raise ValueError("token replacement, concatenation and blending need one region per reference")
-        self.eta_steps = range(int(s.start * steps), min(int(s.stop * steps), steps))
-        self.last_step = steps - 1 if (keep or s.concat) else n_replace - 1   # the last step that reads them
-
-    def before(self, i: int, t: float, img: Tensor) -> tuple[Tensor, sampling.BranchInputs | None]:
-        if self.blend and self.n and i <= self.n_replace:  # i = n_replace: the blend after the last replacement
-            img = copy_tokens(torch.cat([self.x, img]), self.n, self.regions)[self.n:]
-        if self.n and i > self.last_step:  # nothing reads the references any more: they leave the batch
-            self.n = 0
-        state = (self.early if i < self.n_replace else self.late) if self.n else None
-        if self.trace is not None:
-            if state is not None:
-                state.trace = []
-            self.trace.append(dict(step=i, t=t, n_ref=self.n, replace=bool(state is not None and state.replace),
-                                   share=bool(state is not None and state.share),
-                                   x=torch.cat([self.x[:self.n], img]).clone(),
-                                   layers=state.trace if state is not None else []))
-        if not self.n:
-            return img, None
-        tt = torch.full((self.n,), t, device=img.device, dtype=img.dtype)
-        return img, sampling.BranchInputs(self.x, self.ids, self.txt, self.txt_ids, self.vec, tt, state)
-
-    def after(self, i: int, t: float, t_next: float, v: Tensor, img: Tensor) -> Tensor:
-        """Move the references one Euler step, controlled towards their clean latents; the targets unchanged."""
-        e = self.s.eta if i in self.eta_steps else 0.0
-        if self.s.decay_eta:
-            e = e * (1 - i / self.steps) ** self.s.eta_decay_power
-        if e:
-            v = v + e * ((self.x.float() - self.y0) / t - v)
-        self.x = (self.x.float() + (t_next - t) * v).to(self.x.dtype)
-        if self.blend and i == self.steps - 1 and self.n_replace == self.steps:  # τ = 0: blended to the end
-            img = copy_tokens(torch.cat([self.x, img]), self.n, self.regions)[self.n:]
-        return img
-
-
 def reconstruct(pipe, inversion: Inversion, *, guidance: float = 3.5, eta: float = ETA, start: float = START,
                 stop: float = STOP, progress: bool = False, return_latents: bool = False):
     """Re-trace the reference alone from its inverted latent (the reference branch without a target)."""
@@ -318,14 +257,16 @@ def personalize(pipe, prompt: str, reference: Reference | list[Reference], *, pl
                 scene: Reference | None = None, height: int | None = None, width: int | None = None,
                 steps: int | None = None, guidance: float | None = None, seed: int = 0, num_images: int = 1,
                 preset: str | PersonalizeSettings = "paper", progress: bool = False, return_latents: bool = False,
-                trace: list | None = None, **settings):
+                trace: list | None = None, cache: ReferenceCache | None = None, **settings):
     """Generate `prompt` with the subject(s) of `reference` (one Reference or a list: multi-subject) placed by
     `placement` (None = where it is, (dx, dy) pixel offset, (x, y, w, h) target box; a list for several
     references) and optionally a `scene` reference filling the rest. Returns `num_images` PIL images.
     Reference i is inverted with ε = sampling.noise(1, H, W, seed + 1 + i); the targets' noise is
     `sampling.noise(num_images, H, W, seed)` (what `generate` uses). None = the model's (pipe.defaults).
     preset: "paper" (default), "official" (the released code) or a PersonalizeSettings; any field below given as
-    a keyword overrides just that field (`PersonalizeSettings.resolve(preset, **settings)`)."""
+    a keyword overrides just that field (`PersonalizeSettings.resolve(preset, **settings)`).
+    cache: a refcache.ReferenceCache shared by calls with the same reference (e.g. many prompts): the reference
+    branch is computed once and read again, bit-identically (see refcache.py)."""
     s = PersonalizeSettings.resolve(preset, **settings)
     height, width, guidance = pipe.with_defaults(height, width, guidance, image_input=True)[:3]
     validate.generate_args(height, width, steps, guidance, seed, num_images)
@@ -359,7 +300,7 @@ def personalize(pipe, prompt: str, reference: Reference | list[Reference], *, pl
     regions = plan_regions(tokens, offsets, s.perturb, torch.Generator().manual_seed(seed), scene_tokens)
     latents = sample_with_references(pipe, prompt, images, [r.prompt or "" for r in refs], regions, height, width,
                                      s, steps=steps, guidance=guidance, seed=seed, num_images=num_images,
-                                     blend=False, progress=progress, trace=trace)
+                                     blend=False, progress=progress, trace=trace, cache=cache)
     return latents if return_latents else pipe.decode(latents, height, width)
 
 
@@ -425,8 +366,9 @@ def edit_region(pipe, x: Tensor, keep: Tensor, prompt: str, s: EditSettings, *, 
 
 def sample_with_references(pipe, prompt: str, images: list[Tensor], ref_prompts: list[str], regions: list[Region],
                            H: int, W: int, s: _RFSettings, *, steps, guidance, seed, num_images, blend, progress,
-                           trace) -> Tensor:
-    """Invert the references, then sample the batch [references; targets] -> the targets' packed latents."""
+                           trace, cache: ReferenceCache | None = None) -> Tensor:
+    """Invert the references, then sample the batch [references; targets] -> the targets' packed latents (with a
+    `cache`: the references' own passes, kept under a fingerprint of every input of their branch)."""
     timesteps = pipe.schedule(steps, H, W)
     n_replace = s.replace_steps(timesteps, pipe.dtype)
     if not (n_replace > 0 or s.concat):  # τ = 1 and no later-stage tokens: the references would never be read
@@ -441,9 +383,13 @@ def sample_with_references(pipe, prompt: str, images: list[Tensor], ref_prompts:
     else:
         x_ref = y0 = torch.zeros(0, (H // 16) * (W // 16), 64, device=pipe.device, dtype=pipe.dtype)
     txt, txt_ids, vec = pipe.encode_prompt(list(ref_prompts) + [prompt] * num_images)
-    branch = ReferenceTrajectory(x_ref, y0, sampling.image_ids(n, H, W, pipe.device), txt[:n], txt_ids[:n], vec[:n],
-                                 regions, len(timesteps) - 1, s, n_replace=n_replace if n else 0, blend=blend,
-                                 trace=trace)
+    ids = sampling.image_ids(n, H, W, pipe.device)
+    n_replace = n_replace if n else 0
+    kept = None if cache is None else cache.entry(
+        "personalize", id(pipe.transformer), str(pipe.dtype), x_ref, y0, ids, txt[:n], txt_ids[:n], vec[:n],
+        [(r.src, r.dst, r.mask_op) for r in regions], timesteps, guidance, n_replace, blend, repr(s))
+    branch = ReferenceTrajectory(x_ref, y0, ids, txt[:n], txt_ids[:n], vec[:n], regions, len(timesteps) - 1, s,
+                                 n_replace=n_replace, blend=blend, trace=trace, kept=kept)
     img = sampling.noise(num_images, H, W, seed, pipe.device, pipe.dtype)
     with pipe.use(pipe.transformer) as model:
         return sampling.denoise(model, img, sampling.image_ids(num_images, H, W, pipe.device), txt[n:], txt_ids[n:],

@@ -17,11 +17,18 @@ and touch the target in only two places of every block (see `DoubleStreamBlock.f
    `share_refs`: Personalize Anything's released code appends the subject tokens for every batch item).
 
 Layers are counted over the double blocks then the single blocks (FLUX.1: 0-18 double, 19-56 single).
+
+The references in their own forward pass (`kept`, issue 27's sharing). Nothing the references compute depends on
+the targets, so the same step can also run as two passes: the references alone, their state recording what the
+targets read into `kept` (layer -> rows), then the targets alone with `for_targets()` (no references in the batch),
+whose branches read the rows from `kept` instead of from batch items. Same method, other float rounding than the
+one batch (the rows of a matrix product depend slightly on how many rows it has); what it buys is that `kept` can
+be stored and read again by other targets (refcache.py).
 """
 from __future__ import annotations
 
 from collections.abc import Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -49,6 +56,9 @@ class RefState:
                                                 # Anything's released attn_processor appends them for every item)
     last_layer: int | None = None               # reference items leave the batch after this layer (FreeCus needs
                                                 # them only up to the last vital layer); None: keep to the end
+    kept: dict | None = None                    # the rows the targets read, per layer (see the module docstring):
+                                                # filled while the references run alone, read by `for_targets()`
+    refs_in_batch: bool = True                  # False: a pass of the targets alone, reading `kept`
     trace: list | None = field(default=None, repr=False)  # tests: blocks append (layer, q, k, v) image rows
     _mask: Tensor | None = field(default=None, init=False, repr=False)  # the shared-key mask, built once
 
@@ -68,31 +78,69 @@ class RefState:
     def shares(self, layer: int) -> bool:
         return self.share and (self.layers is None or layer in self.layers)
 
+    @property
+    def n_batch(self) -> int:
+        """How many reference items lead this forward's batch (0 in a pass of the targets alone)."""
+        return self.n_ref if self.refs_in_batch else 0
+
+    def recording(self) -> "RefState":
+        """This state for a pass of the references alone that keeps what the targets read (a fresh `kept`)."""
+        return replace(self, kept={}, refs_in_batch=True)
+
+    def for_targets(self) -> "RefState":
+        """This state for a pass of the targets alone, reading the rows a recording pass kept."""
+        if self.kept is None:
+            raise ValueError("a pass of the targets alone needs the rows its references kept (RefState.kept)")
+        return replace(self, refs_in_batch=False, last_layer=None)
+
+    def rows(self, key, compute):
+        """The reference rows `key` names: computed from the batch's reference items (and kept when recording),
+        or, in a pass of the targets alone, read from `kept`."""
+        if not self.refs_in_batch:
+            return self.kept[key]
+        rows = compute()
+        if self.kept is not None:
+            self.kept[key] = rows
+        return rows
+
     # -- 1. token replacement -------------------------------------------------------------------------------
-    def replace_tokens(self, x: Tensor, offset: int = 0) -> Tensor:
-        """x (B, H, L, D) q, k or v; image tokens start at `offset`. Returns x with every target's rows at
-        dst[r] set to reference r's rows at src[r]."""
-        x = x.clone()
-        n = self.n_ref
-        for r in range(n):
-            src, dst = self.src[r].to(x.device) + offset, self.targets(r).to(x.device) + offset
-            x[n:, :, dst] = x[r:r + 1, :, src]
-        return x
+    def replace_tokens(self, qkv: tuple[Tensor, ...], layer: int, offset: int = 0) -> tuple[Tensor, ...]:
+        """qkv: q, k, v (B, H, L, D) of one layer; image tokens start at `offset`. Returns them with every target's
+        rows at dst[r] set to reference r's rows at src[r]."""
+        n = self.n_batch
+        rows = self.rows((layer, "replace"), lambda: [[x[r:r + 1, :, self.src[r].to(x.device) + offset]
+                                                       for r in range(self.n_ref)] for x in qkv])
+        if qkv[0].shape[0] == n:  # the references alone: no target to write into
+            return qkv
+        out = []
+        for x, per_ref in zip(qkv, rows):
+            x = x.clone()
+            for r, row in enumerate(per_ref):
+                x[n:, :, self.targets(r).to(x.device) + offset] = row
+            out.append(x)
+        return tuple(out)
 
     # -- 2. reference keys/values ------------------------------------------------------------------------------
-    def reference_kv(self, k: Tensor, v: Tensor, pe: Tensor, n_txt: int) -> tuple[Tensor, Tensor, Tensor]:
+    def reference_kv(self, k: Tensor, v: Tensor, pe: Tensor, n_txt: int, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         """From the whole batch's un-rotated k, v (B, H, L, D) and pe (B, 1, L, D/2, 2, 2), the reference keys
         and values every target sees: (T, H, R, D) each, keys rotated, and the subject mask (T, R) bool
-        (T = the targets, or every item with `share_refs`).
+        (T = the targets, or every item with `share_refs` or in a pass of the targets alone).
 
         positions="own": all image tokens of every reference at their own positions, with the subject mask
         (the attention kernel skips fully masked key blocks); otherwise only the subject tokens, gathered,
-        rotated at their target positions (or not at all for "zero"), mask all true.
+        rotated at their target positions (or not at all for "zero"), mask all true. Every item of a batch has
+        the same image positions (the references are drawn at the targets' size), so item 0's pe serves both.
         """
-        n = self.n_ref
-        T = k.shape[0] if self.share_refs else k.shape[0] - n  # the items that see the shared keys
+        n = self.n_batch
+        T = k.shape[0] if (self.share_refs or n == 0) else k.shape[0] - n  # the items that see the shared keys
+        rk, rv = self.rows((layer, "kv"), lambda: self.gather_kv(k, v, pe, n_txt))
+        return (rk.expand(T, -1, -1, -1), rv.expand(T, -1, -1, -1),
+                self.subject_mask(k.shape[2] - n_txt, T, k.device))
+
+    def gather_kv(self, k: Tensor, v: Tensor, pe: Tensor, n_txt: int) -> tuple[Tensor, Tensor]:
+        """The references' shared keys (rotated) and values, (1, H, R, D) each, from batch items 0..n_ref-1."""
         ks, vs = [], []
-        for r in range(n):
+        for r in range(self.n_ref):
             if self.positions == "own":
                 ks.append(apply_rope(k[r:r + 1, :, n_txt:], pe[r:r + 1, :, n_txt:]))
                 vs.append(v[r:r + 1, :, n_txt:])
@@ -100,11 +148,9 @@ class RefState:
                 src = self.src[r].to(k.device) + n_txt
                 kr, vr = k[r:r + 1, :, src], v[r:r + 1, :, src]
                 if self.positions == "target":
-                    kr = apply_rope(kr, pe[n:n + 1, :, self.targets(r).to(k.device) + n_txt])
+                    kr = apply_rope(kr, pe[:1, :, self.targets(r).to(k.device) + n_txt])
                 ks.append(kr), vs.append(vr)
-        rk = torch.cat(ks, dim=2).expand(T, -1, -1, -1)
-        rv = torch.cat(vs, dim=2).expand(T, -1, -1, -1)
-        return rk, rv, self.subject_mask(k.shape[2] - n_txt, T, k.device)
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
     def subject_mask(self, n_img: int, T: int, device) -> Tensor:
         """(T, R) bool over the shared reference keys; built once per RefState (same tensor for every layer, so

@@ -192,6 +192,8 @@ class BranchInputs:
     t: Tensor            # (n,) the time the model is told for them
     state: object        # the RefState of this forward
     cond: Tensor | None = None  # (n, N, C) their own channel conditioning when the targets have `img_cond`
+    separate: bool = False      # run the items alone first (their state keeps what the targets read: RefState.kept),
+                                # then the targets alone; no items: the rows were kept before (refcache.py)
 
 
 @torch.no_grad()
@@ -236,16 +238,22 @@ def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, v
         x = x_in(img)
         if extra is None:
             pred = model(x, ids, txt, txt_ids, tt, vec, g)[:, :N]
-        else:  # the batch [branch items; targets]
+        else:  # the batch [branch items; targets], or the items' own pass and then the targets'
             n = extra.x.shape[0]
             if (img_cond is None) != (extra.cond is None):
                 raise ValueError("the branch items need their own conditioning exactly when the targets have img_cond")
             xb = extra.x if extra.cond is None else torch.cat([extra.x, extra.cond.to(extra.x)], dim=-1)
-            gb = guidance_vector(model, n + B, guidance, img.device, img.dtype)
-            pred = model(torch.cat([xb, x]), torch.cat([extra.ids, ids]), torch.cat([extra.txt, txt]),
-                         torch.cat([extra.txt_ids, txt_ids]), torch.cat([extra.t, tt]), torch.cat([extra.vec, vec]),
-                         gb, ref=extra.state).float()
-            v_branch, pred = pred[:pred.shape[0] - B], pred[pred.shape[0] - B:]
+            if extra.separate:
+                v_branch = (model(xb, extra.ids, extra.txt, extra.txt_ids, extra.t, extra.vec,
+                                  guidance_vector(model, n, guidance, img.device, img.dtype), ref=extra.state).float()
+                            if n else xb.new_zeros(0))
+                pred = model(x, ids, txt, txt_ids, tt, vec, g, ref=extra.state.for_targets()).float()
+            else:
+                gb = guidance_vector(model, n + B, guidance, img.device, img.dtype)
+                pred = model(torch.cat([xb, x]), torch.cat([extra.ids, ids]), torch.cat([extra.txt, txt]),
+                             torch.cat([extra.txt_ids, txt_ids]), torch.cat([extra.t, tt]),
+                             torch.cat([extra.vec, vec]), gb, ref=extra.state).float()
+                v_branch, pred = pred[:pred.shape[0] - B], pred[pred.shape[0] - B:]
         if negative is not None:
             neg = model(x, ids, negative[0], negative[1], tt, negative[2], g)[:, :N]
             pred = neg + true_cfg_scale * (pred - neg)

@@ -186,12 +186,14 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, n_txt: int, ref
     references' subject keys/values (masked, λ-scaled) while the reference items attend normally."""
     if ref is None or not ref.shares(layer):
         return attention(q, k, v, pe)
-    n = ref.n_ref
-    ref_k, ref_v, ref_mask = ref.reference_kv(k, v, pe, n_txt)
-    if ref.share_refs:  # Personalize Anything's released code: every batch item, references too, sees them
+    n = ref.n_batch  # reference items at the front of the batch (0: the targets alone, reading RefState.kept)
+    ref_k, ref_v, ref_mask = ref.reference_kv(k, v, pe, n_txt, layer)
+    if ref.share_refs or n == 0:  # every item sees them (share_refs: Personalize Anything's released code)
         return attention(q, k, v, pe, ref_k=ref_k, ref_v=ref_v, ref_mask=ref_mask, lambda_ref=ref.lambda_ref,
                          lambda_txt=ref.lambda_txt, n_txt=n_txt, mask_mode=ref.mask_mode)
     out_refs = attention(q[:n], k[:n], v[:n], pe[:n])
+    if q.shape[0] == n:  # the references alone (their targets run next, reading what they kept)
+        return out_refs
     out_targets = attention(q[n:], k[n:], v[n:], pe[n:], ref_k=ref_k, ref_v=ref_v, ref_mask=ref_mask,
                             lambda_ref=ref.lambda_ref, lambda_txt=ref.lambda_txt, n_txt=n_txt,
                             mask_mode=ref.mask_mode)
@@ -235,7 +237,7 @@ class DoubleStreamBlock(nn.Module):
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_mod.apply(self.txt_norm1(txt)))  # (B, H, T, D)
 
         if ref is not None and ref.replace:  # Personalize Anything, t > τ: targets take the reference's tokens
-            img_q, img_k, img_v = (ref.replace_tokens(x) for x in (img_q, img_k, img_v))
+            img_q, img_k, img_v = ref.replace_tokens((img_q, img_k, img_v), layer)
         if ref is not None:
             ref.record(layer, img_q, img_k, img_v)
 
@@ -274,7 +276,7 @@ class SingleStreamBlock(nn.Module):
         q, k = self.norm(q, k, v)
 
         if ref is not None and ref.replace:  # Personalize Anything, t > τ (image tokens start after the text)
-            q, k, v = (ref.replace_tokens(t, offset=n_txt) for t in (q, k, v))
+            q, k, v = ref.replace_tokens((q, k, v), layer, offset=n_txt)
         if ref is not None:
             ref.record(layer, q[:, :, n_txt:], k[:, :, n_txt:], v[:, :, n_txt:])
         return joint_attention(q, k, v, pe, n_txt, ref, layer)
@@ -331,12 +333,16 @@ class Flux(nn.Module):
 
         layer = 0
         for block in self.double_blocks:
+            if img.shape[0] == 0:  # the references alone, dropped after their last layer: nothing left to run
+                break
             img, txt = block(img, txt, vec, pe, ref, layer)
             img, txt, vec, pe, ref = _drop_references(ref, layer, img, txt, vec, pe)
             layer += 1
         x = torch.cat((txt, img), dim=1)
         del txt, img  # not held through the single blocks
         for block in self.single_blocks:
+            if x.shape[0] == 0:  # the references alone, dropped after their last layer: nothing left to run
+                break
             x = block(x, vec, pe, n_txt, ref, layer)
             x, _, vec, pe, ref = _drop_references(ref, layer, x, None, vec, pe)
             layer += 1
@@ -347,7 +353,7 @@ def _drop_references(ref, layer, *xs):
     """After `ref.last_layer`, the reference items leave the batch (their output is not needed)."""
     if ref is None or ref.last_layer is None or layer != ref.last_layer:
         return (*xs, ref)
-    return (*(None if x is None else x[ref.n_ref:] for x in xs), None)
+    return (*(None if x is None else x[ref.n_batch:] for x in xs), None)
 
 
 # ---------------------------------------------------------------------------------------------------- loading

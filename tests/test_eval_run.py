@@ -140,3 +140,36 @@ def test_out_of_another_run_refused_untouched(setup, single):
     msg = str(e.value)
     assert "holds another run's results" in msg and "steps" in msg and "\n" not in msg
     assert _files(single) == before
+
+
+def test_sharing_the_reference_gives_the_same_files(setup, monkeypatch):
+    """One ReferenceCache per (subject, row): the later prompts of a seed read what the first computed; the run
+    writes the same files, byte for byte, as one where every image computes its reference (--no-share)."""
+    import minidit.eval.runner as runner
+    root, args = setup
+    args = list(args)
+    args[args.index("--methods") + 1] = "personalize:paper,freecus:paper+ref-caption,freecus:paper"
+    args[args.index("--steps") + 1] = "2"
+    caches = []
+
+    class Counting(runner.ReferenceCache):
+        def __init__(self, *a):
+            super().__init__(*a)
+            caches.append(self)
+    monkeypatch.setattr(runner, "ReferenceCache", Counting)
+    threads = torch.get_num_threads()
+    try:
+        main(args + ["--out", str(root / "shared")])
+        shared_caches = list(caches)
+        main(args + ["--out", str(root / "unshared"), "--no-share"])
+    finally:
+        torch.set_num_threads(threads)
+    # PA and FreeCus ref-caption share (one cache per unit; the second prompt of each seed reads); FreeCus with the
+    # authors' reference prompt and every --no-share image keep nothing
+    assert len(shared_caches) == 2 and all(c.hits > 0 for c in shared_caches)
+    assert len(caches) == 2
+    shared, unshared = _files(root / "shared"), _files(root / "unshared")
+    assert sorted(shared) == sorted(unshared) and [k for k in shared if shared[k] != unshared[k]] == []
+    lines = [json.loads(x) for x in (root / "shared" / "cases.jsonl").read_text().splitlines()]
+    assert {ln["row"] for ln in lines} == {"personalize:paper", "freecus:paper+ref-caption", "freecus:paper"}
+    assert all(ln["caption"] for ln in lines if ln["method"] == "freecus")

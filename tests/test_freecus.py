@@ -242,8 +242,8 @@ def test_masked_out_reference_kv_have_no_influence(model, monkeypatch, mask_mode
     real = RefState.reference_kv
     perturb = {"rows": None}
 
-    def noisy_kv(self, k, v, pe, n_txt):
-        rk, rv, m = real(self, k, v, pe, n_txt)
+    def noisy_kv(self, k, v, pe, n_txt, layer):
+        rk, rv, m = real(self, k, v, pe, n_txt, layer)
         if perturb["rows"] is not None:
             rows = perturb["rows"](m)  # (T, R) bool
             g = torch.Generator().manual_seed(9)

@@ -13,7 +13,8 @@ from minidit import sampling
 from minidit.cli import main
 from minidit.masks import Reference, token_indices, token_mask, translate
 from minidit.inversion import invert
-from minidit.personalize import PersonalizeSettings, ReferenceTrajectory, reconstruct, replace_steps, tau_threshold
+from minidit.personalize import PersonalizeSettings, reconstruct, replace_steps, tau_threshold
+from minidit.trajectory import ReferenceTrajectory
 from minidit.regions import Region, plan_regions
 from minidit.pipeline import Pipeline
 from minidit.refstate import RefState
@@ -93,9 +94,9 @@ def test_replacement_at_every_block_while_t_above_tau_and_never_after(pipe, monk
     calls = []
     original = RefState.replace_tokens
 
-    def spy(self, x, offset=0):  # a hook on the one replacement entry
-        out = original(self, x, offset)
-        calls.append((self, offset, x, out))
+    def spy(self, qkv, layer, offset=0):  # a hook on the one replacement entry
+        out = original(self, qkv, layer, offset)
+        calls.extend((self, offset, x, y) for x, y in zip(qkv, out))
         return out
 
     monkeypatch.setattr(RefState, "replace_tokens", spy)

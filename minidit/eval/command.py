@@ -15,6 +15,7 @@ stderr and exit code 1, with nothing written.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "and CLIP-I (default: none)")
     p.add_argument("--metric-dino", default=None, metavar="DIR", help="DINO ViT folder (ViTModel layout, e.g. "
                    "facebook/dino-vits16, the common DreamBench choice) for DINO (default: none)")
+    p.add_argument("--cache-gb", type=float, default=8.0, help="memory (on the generating device) for the "
+                   "reference rows one subject shares with its other prompts; steps past it are recomputed "
+                   "(default: 8; bytes per subject: minidit/refcache.py)")
+    p.add_argument("--no-share", action="store_true", help="compute every image's reference branch itself "
+                   "(the same images, slower: the check of the sharing)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -92,6 +98,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise ValueError(f"--device: {e}") from None
     if any(not 0 <= s < 2 ** 63 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds must be distinct integers in [0, 2^63), got {args.seeds}")
+    if not (math.isfinite(args.cache_gb) and args.cache_gb >= 0):
+        raise ValueError(f"--cache-gb must be a finite number >= 0, got {args.cache_gb}")
     rows = parse_methods(args.methods)
     out = Path(args.out)
     if args.world:
@@ -124,7 +132,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         check_folder(Path(args.metric_dino), "--metric-dino", "vit")
     plan = Plan(out, subjects, cases, rows, list(args.seeds), source, args.height, args.width, args.steps,
                 args.guidance, args.weights, args.device, args.dtype, args.threads, args.metric_clip,
-                args.metric_dino, args.quiet)
+                args.metric_dino, args.quiet, args.cache_gb, not args.no_share)
     check_out(plan)
     return plan
 

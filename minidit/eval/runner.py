@@ -40,6 +40,7 @@ from ..files import sha256
 from ..image import save_png
 from ..masks import Reference
 from ..pipeline import Pipeline
+from ..refcache import ReferenceCache
 from . import methods, report
 from .cases import Case, Subject, image_size
 from .metrics import ClipMetric, DinoMetric, cosine
@@ -69,6 +70,8 @@ class Plan:
     metric_clip: str | None = None
     metric_dino: str | None = None
     quiet: bool = False
+    cache_gb: float = 8.0              # the rows one (subject, row) keeps for its other prompts (refcache.py)
+    share: bool = True                 # False: nothing kept (every image computes its reference; same bits)
 
     def size(self, s: Subject) -> tuple[int, int]:
         if self.height and self.width:
@@ -94,7 +97,7 @@ class Plan:
 
     def identity(self) -> dict:
         """What decides the pixels and scores; equal identities may share an OUT (resume, --limit)."""
-        return {"minidit": __version__, "source": self.source,
+        return {"minidit": __version__, "source": self.source, "reference_pass": "own",  # not batched: refcache.py
                 "rows": [r.label for r in self.rows], "seeds": self.seeds, "height": self.height,
                 "width": self.width, "steps": self.steps, "guidance": self.guidance, "weights": self.weights,
                 "device_type": _device_type(self.device), "dtype": self.dtype, "threads": self.threads,
@@ -237,7 +240,7 @@ def png_info(plan: Plan, row: methods.Row, case: Case, seed: int, size: tuple[in
     s = case.subject
     pipe_name = pipe.name
     rec = {"minidit_version": __version__, "method": row.method, "row": row.label, "settings": row.record(),
-           "prompt": case.prompt, "caption": s.subject_caption if row.method == "freecus" and row.caption else None,
+           "prompt": case.prompt, "caption": s.subject_caption if row.uses_caption else None,
            "seed": seed, "steps": steps, "guidance": plan.guidance, "height": size[0], "width": size[1],
            "weights": plan.weights or "built-in", "model": pipe_name, "dtype": str(pipe.dtype).removeprefix("torch."),
            "device": pipe.device.type, "threads": plan.threads, "subject": s.name,
@@ -272,13 +275,15 @@ def remake(png: str | Path, out: str | Path | None = None, device: str | None = 
     torch.set_num_threads(rec["threads"])
     pipe = Pipeline.load(None if rec["weights"] == "built-in" else rec["weights"], device=device,
                          dtype=getattr(torch, rec["dtype"]))
-    return methods.generate(pipe, row, Reference(str(files["reference"]), mask), rec["prompt"], rec["caption"] or "",
-                            rec["seed"], rec["height"], rec["width"], rec["steps"], rec["guidance"])
+    return methods.generate(pipe, row, Reference(str(files["reference"]), mask), rec["prompt"],
+                            rec["caption"] or "", rec["seed"], rec["height"],
+                            rec["width"], rec["steps"], rec["guidance"])
 
 
 def run_unit(plan: Plan, pipe, scorer: Scorer, subject: Subject, row: methods.Row, steps: int, progress) -> None:
-    """Every image of one (subject, row): generated unless its PNG exists, scored unless its line exists.
-    (Item 4 of issue 27 slots in here: compute the reference's shared state once, before the loop.)"""
+    """Every image of one (subject, row): generated unless its PNG exists, scored unless its line exists. A row
+    whose reference branch does not depend on the prompt (`Row.shares`) keeps it in one ReferenceCache for all
+    its prompts (computed by the first image of each seed, read by the others: the same bits, refcache.py)."""
     part = plan.out / "parts" / row.tag / f"{subject.name}.jsonl"
     part.parent.mkdir(parents=True, exist_ok=True)
     done = read_lines(part)
@@ -286,13 +291,14 @@ def run_unit(plan: Plan, pipe, scorer: Scorer, subject: Subject, row: methods.Ro
         _write_lines(part, done.values())
     height, width = plan.size(subject)
     reference = Reference(subject.reference, subject.mask)  # mask: a file, a pixel box, or None (all)
+    cache = ReferenceCache(plan.cache_gb) if plan.share and row.shares else None  # None: keep nothing
     for case, seed, file in plan.jobs(subject, row):
         path = plan.out / file
         made = False
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             image = methods.generate(pipe, row, reference, case.prompt, subject.subject_caption, seed, height,
-                                     width, steps, plan.guidance)
+                                     width, steps, plan.guidance, cache)
             save_png(image, path, png_info(plan, row, case, seed, (height, width), steps, pipe))
             made = True
         if file not in done:
@@ -301,7 +307,7 @@ def run_unit(plan: Plan, pipe, scorer: Scorer, subject: Subject, row: methods.Ro
             line = {"subject": subject.name, "class": subject.class_noun, "reference": plan.shown(subject.reference),
                     "mask": plan.shown(subject.mask) if isinstance(subject.mask, str) else subject.mask_record,
                     "prompt": case.prompt, "prompt_index": case.prompt_index,
-                    "caption": subject.subject_caption if row.method == "freecus" and row.caption else None,
+                    "caption": subject.subject_caption if row.uses_caption else None,
                     "method": row.method, "row": row.label, "settings": row.record(), "seed": seed, "file": file,
                     **scorer.score(image, case)}
             with open(part, "a", encoding="utf-8") as f:
