@@ -16,8 +16,8 @@ of images, so the shared columns pay for their first image's reference:
   FreeCus        the authors' reference prompt (the target's): nothing to share, one pass of its own per step
   FreeCus, ref-caption shared   the reference pass prompted with the caption alone: shared like PA
 
-The issue's target: shared columns <= 1.15x plain per image. Times are medians of --repeats sweeps, the columns
-alternated within each repeat (so a change in machine load hits all alike).
+The issue's target: shared columns <= 1.15x plain per image. The images are timed prompt by prompt, every column
+in turn (so a change in machine load hits all alike); the unshared columns on the first 3 prompts only.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def build(args):
             p.normal_(0, 0.02)
     model.eval()
     return Pipeline(model, base.ae, base.text, base.device, base.dtype, name="bench-full-width",
-                    flow_schedule=base.flow_schedule, defaults=base.defaults)
+                    flow_schedule=base.flow_schedule)  # no minidit.json: no warning about the trained size
 
 
 def main() -> None:
@@ -64,7 +64,6 @@ def main() -> None:
     ap.add_argument("--double", type=int, default=1)
     ap.add_argument("--single", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,52 +82,47 @@ def main() -> None:
     kw = dict(height=s, width=s, steps=args.steps, seed=0, return_latents=True)
     cuda = torch.device(args.device).type == "cuda"
 
-    def sweep(fn, n=None):
-        def run():
-            for p in prompts[:n]:
-                fn(p)
-        return run, n or len(prompts)
-
-    def shared(method, reference):
-        def run():
-            cache = ReferenceCache()
-            for p in prompts:
-                getattr(pipe, method)(p, reference, cache=cache, **kw)
-        return run, len(prompts)
-
     few = min(3, len(prompts))  # the unshared columns cost the same for every image: a few suffice
-    columns = {
-        "plain": sweep(lambda p: pipe.generate(p, true_cfg_scale=1.0, **kw), few),
-        "PA, own pass (unshared)": sweep(lambda p: pipe.personalize(p, ref, cache=ReferenceCache(0), **kw), few),
-        "PA, shared": shared("personalize", ref),
-        "FreeCus, authors' ref prompt (unshared)": sweep(lambda p: pipe.freecus(p, ref, cache=ReferenceCache(0),
-                                                                                **kw), few),
-        "FreeCus ref-caption, shared": shared("freecus", own_prompt),
+    caches = {"PA, shared": ReferenceCache(), "FreeCus ref-caption, shared": ReferenceCache()}
+    columns = {  # name -> (one image of prompt p, how many prompts it is timed on)
+        "plain": (lambda p: pipe.generate(p, true_cfg_scale=1.0, **kw), len(prompts)),
+        "PA, own pass (unshared)": (lambda p: pipe.personalize(p, ref, cache=ReferenceCache(0), **kw), few),
+        "PA, shared": (lambda p: pipe.personalize(p, ref, cache=caches["PA, shared"], **kw), len(prompts)),
+        "FreeCus, authors' ref prompt (unshared)": (lambda p: pipe.freecus(p, ref, cache=ReferenceCache(0), **kw),
+                                                    few),
+        "FreeCus ref-caption, shared": (lambda p: pipe.freecus(p, own_prompt, cache=caches["FreeCus ref-caption, "
+                                                                                          "shared"], **kw),
+                                        len(prompts)),
     }
-    pipe.generate(prompts[0], true_cfg_scale=1.0, **kw)  # warm-up
+    pipe.generate("warm-up", true_cfg_scale=1.0, **kw)
     times = {k: [] for k in columns}
-    for _ in range(args.repeats):
-        for name, (run, n) in columns.items():
+    for i, p in enumerate(prompts):  # prompt by prompt, every column in turn: a change of load hits all alike
+        for name, (one, n) in columns.items():
+            if i >= n:
+                continue
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            run()
+            one(p)
             if cuda:
                 torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) / n)
-    per = {k: statistics.median(v) for k, v in times.items()}
+            times[name].append(time.perf_counter() - t0)
+    per = {k: statistics.mean(v) for k, v in times.items()}  # the shared columns' mean includes their first image
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
     cfg = pipe.transformer.cfg
     lines = [f"### {datetime.date.today()} {device}, {args.threads} thread(s), torch {torch.__version__}",
              "",
              f"Random FLUX.1-width transformer (hidden {cfg.hidden_size}, {cfg.num_heads} heads, {cfg.depth} double + "
              f"{cfg.depth_single_blocks} single blocks), {s}x{s} ({(s // 16) ** 2} image tokens), {args.steps} steps, "
-             f"a {len(prompts)}-prompt sweep of one subject (mask: a box of 1/4 of the image), seed 0, median of "
-             f"{args.repeats} repeat(s). Command: `python bench/share.py --prompts {args.prompts} --steps "
+             f"a {len(prompts)}-prompt sweep of one subject (mask: a box of 1/4 of the image), seed 0, "
+             f"images timed one prompt at a time, the columns in turn (mean s/image; a shared column's mean includes "
+             f"its first image, which computes the reference). Command: `python bench/share.py --prompts {args.prompts} --steps "
              f"{args.steps} --size {s} --double {args.double} --single {args.single} --threads {args.threads}`",
              "", "| column | images timed | s / image | x plain |", "|---|---:|---:|---:|"]
     for name, (_, n) in columns.items():
         lines.append(f"| {name} | {n} | {per[name]:.3f} | {per[name] / per['plain']:.2f} |")
+    lines += ["", "Kept: " + "; ".join(f"{name}: {c.nbytes / 1e6:.1f} MB, {c.hits} steps read instead of run"
+                                     for name, c in caches.items())]
     table = "\n".join(lines)
     print(table)
     if args.record:

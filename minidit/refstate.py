@@ -28,7 +28,8 @@ be stored and read again by other targets (refcache.py).
 from __future__ import annotations
 
 from collections.abc import Container
-from dataclasses import dataclass, field, replace
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -40,7 +41,8 @@ POSITIONS = ("own", "target", "zero")
 
 @dataclass
 class RefState:
-    n_ref: int                                  # the first n_ref batch items are reference branches
+    n_ref: int                                  # references: the first n_ref batch items (but see
+                                                # refs_in_batch)
     src: list[Tensor]                           # per reference: its subject's image-token indices (its own grid)
     dst: list[Tensor] | None = None             # per reference: target image-token indices they map to (None: = src)
     replace: bool = False                       # 1. overwrite target rows dst[r] with reference rows src[r]
@@ -85,13 +87,13 @@ class RefState:
 
     def recording(self) -> "RefState":
         """This state for a pass of the references alone that keeps what the targets read (a fresh `kept`)."""
-        return replace(self, kept={}, refs_in_batch=True)
+        return dataclasses.replace(self, kept={}, refs_in_batch=True)
 
     def for_targets(self) -> "RefState":
         """This state for a pass of the targets alone, reading the rows a recording pass kept."""
         if self.kept is None:
             raise ValueError("a pass of the targets alone needs the rows its references kept (RefState.kept)")
-        return replace(self, refs_in_batch=False, last_layer=None)
+        return dataclasses.replace(self, refs_in_batch=False, last_layer=None)
 
     def rows(self, key, compute):
         """The reference rows `key` names: computed from the batch's reference items (and kept when recording),

@@ -68,6 +68,10 @@ def test_method_rows():
     assert rows[5].caption is False and rows[5].record()["caption"] is False
     assert rows[6].settings().vital_layers == (0, 1, 2)
     assert len({r.tag for r in rows}) == len(rows)
+    # which rows share their reference branch across prompts (refcache.py): PA always, FreeCus with ref-caption
+    assert [r.shares for r in rows] == [False, True, True, False, False, False, False]
+    (rc,) = parse_methods("freecus+ref-caption+no-caption")
+    assert rc.shares and rc.uses_caption and not rc.caption and rc.record()["ref_caption"] is True
 
 
 def _dreambench_copy(tmp_path, subjects=("dog", "can")):
@@ -96,6 +100,9 @@ def _error(args, capsys=None) -> str:
     (["--limit", "0"], "--limit must be >= 1"),
     (["--height", "100", "--width", "96"], "--height must be a positive multiple of 16"),
     (["--box", "0,0,600,10"], "leaves the 512x512 reference"),
+    (["--cache-gb", "-1"], "--cache-gb must be a finite number >= 0"),
+    (["--cache-gb", "nan"], "--cache-gb must be a finite number >= 0"),
+    (["--methods", "personalize+ref-caption"], "unknown setting 'ref-caption'"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, extra, needle):
     out = tmp_path / "out"

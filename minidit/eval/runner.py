@@ -6,10 +6,13 @@
 
 Work units are (subject, row) pairs in a fixed order (subjects as listed, rows as given), dealt round-robin to
 the ranks: unit k goes to rank k mod WORLD_SIZE. A unit holds all of one subject's prompts and seeds for one
-row, so whatever a method could compute once per reference (issue 27 item 4: the inversion, the reference's
-keys/values) stays inside one rank's loop over the unit (`run_unit`); today every image still computes it.
+row, so what a method computes once per reference (the reference branch: Personalize Anything's trajectory and
+the rows its targets read, FreeCus' keys/values with `+ref-caption`) stays in one rank's ReferenceCache for the
+unit (`run_unit`, refcache.py): the first prompt of each seed computes it, the others read it, the same bits.
 Each image is written atomically (minidit.image.save_png) as OUT/images/<row>/<subject>/<prompt>_s<seed>.png
-with its record in a "minidit-eval" PNG chunk (`remake(png)` makes it again alone), then its scores are appended as one JSON line to OUT/parts/<row>/<subject>.jsonl. A killed run resumes: an image
+with its record in a "minidit-eval" PNG chunk (`remake(png)` makes it again alone), then its scores are
+appended as one JSON line to OUT/parts/<row>/<subject>.jsonl. A killed run resumes (a resumed unit's cache
+starts empty, so its next image computes the reference again): an image
 whose PNG exists is never generated again (scored again from the PNG if its line was lost), a torn last line is
 dropped. Rank 0 then merges every unit's lines in the plan's order into OUT/cases.jsonl and writes the report
 (report.py), so the result does not depend on how many ranks made it — provided the pixels do not either: the
