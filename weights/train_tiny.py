@@ -88,7 +88,7 @@ DIT = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=
 # through the zero padding at the border (the frame the first built-in autoencoder drew; weights/README.md).
 AE = AutoEncoderConfig(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 # autoencoder phases: (steps, render pixels, batch, lr); whole renders, each phase from the previous one's weights
-AE_PHASES = ((3000, 64, 16, 2e-3), (1500, 128, 8, 1e-3), (500, SIZE, 4, 3e-4))
+AE_PHASES = ((3000, 64, 16, 5e-4), (1500, 128, 8, 1e-3), (500, SIZE, 4, 3e-4))
 AE_FINAL = f"ae_phase{len(AE_PHASES) - 1}.safetensors"  # the last phase's weights: what is encoded and exported
 MU = sampling.calculate_mu((SIZE // 16) ** 2)   # 0.5: FLUX.1-dev's shift at 256 image tokens
 # minidit.json (minidit/defaults.py): what the exported model is used with when a call does not say
