@@ -46,7 +46,7 @@ def build(args):
                      depth=args.double, depth_single_blocks=args.single, axes_dim=(16, 56, 56), qkv_bias=True,
                      guidance_embed=False)
     torch.manual_seed(0)
-    model = Flux(cfg).to(args.device)
+    model = Flux(cfg).to(args.device, base.dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
