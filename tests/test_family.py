@@ -359,6 +359,19 @@ def test_cli_family_commands_and_lora_record(repos, tmp_path, monkeypatch):
     rec = read_png(tmp_path / "k.png")
     assert rec["command"] == "kontext" and rec["guidance"] == 2.5 and len(rec["inputs"]["image"]) == 2
     assert (rec["width"], rec["height"]) == (32, 32)  # the first reference's preferred resolution (patched)
+    picture(48, 24, 2).save(tmp_path / "wide.png")      # floored to 48 x 16; its preferred resolution is 32 x 32
+    main(["kontext", "--weights", str(repos["kontext"][0]), "--image", str(tmp_path / "wide.png"), "--prompt", "x",
+          "--no-auto-resize", *fast, "--output", str(tmp_path / "k-own.png")])
+    rec = read_png(tmp_path / "k-own.png")
+    assert (rec["width"], rec["height"]) == (48, 16) and rec["settings"]["auto_resize"] is False
+    main(["kontext", "--weights", str(repos["kontext"][0]), "--image", str(tmp_path / "wide.png"), "--prompt", "x",
+          "--height", "32", "--width", "64", "--max-area", "1024", *fast, "--output", str(tmp_path / "k-area.png")])
+    rec = read_png(tmp_path / "k-area.png")
+    assert (rec["width"], rec["height"]) == (32, 16) and rec["settings"]["max_area"] == 1024  # 2:1 at ~1024 px, floored to 16
+    main(["kontext", "--from-png", str(tmp_path / "k-own.png"), "--weights", str(repos["kontext"][0]), "--quiet",
+          "--output", str(tmp_path / "k-own-again.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "k-own.png")),
+                          np.asarray(Image.open(tmp_path / "k-own-again.png")))
     main(["freecus", "--weights", str(repos["fill"][0]), "--ref", str(tmp_path / "depth.png"), "--scene",
           str(tmp_path / "depth.png"), "--region", str(tmp_path / "region.png"), "--prompt", "a dog", *fast,
           "--output", str(tmp_path / "fc.png")])
@@ -371,6 +384,9 @@ def test_cli_family_commands_and_lora_record(repos, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"minidit kontext needs a FLUX.1 Kontext model .*; the weights are FLUX.1 fill"):
         main(["kontext", "--weights", str(repos["fill"][0]), "--image", str(tmp_path / "room.png"), "--prompt", "x",
               *fast, "--output", str(tmp_path / "no.png")])
+    with pytest.raises(SystemExit, match=r"--max-area must be"):
+        main(["kontext", "--weights", str(repos["kontext"][0]), "--image", str(tmp_path / "room.png"), "--prompt",
+              "x", "--max-area", "10", *fast, "--output", str(tmp_path / "no.png")])
     with pytest.raises(SystemExit, match=r"fill needs --mask \(inpaint\) or --canvas"):
         main(["fill", "--weights", str(repos["fill"][0]), "--image", str(tmp_path / "room.png"), "--prompt", "x",
               *fast, "--output", str(tmp_path / "no.png")])

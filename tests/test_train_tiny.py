@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from minidit.weights import train_tiny as T
+from minidit.weights import train_ae as A, train_common as C, train_dit as D, train_tiny as T
 
 
 @pytest.fixture(scope="module")
@@ -22,25 +22,25 @@ def test_smoke_run_writes_a_loadable_repository(smoke):
                  "text_encoder/model.safetensors", "tokenizer_2/spiece.model", "scheduler/scheduler_config.json"):
         assert (out / name).exists(), name
     pipe = Pipeline.load(out, device="cpu")
-    assert pipe.transformer.cfg == T.DIT
+    assert pipe.transformer.cfg == D.DIT
     ae = pipe.ae.cfg
-    assert (ae.ch, ae.ch_mult, ae.num_res_blocks, ae.z_channels) == (T.AE.ch, T.AE.ch_mult, T.AE.num_res_blocks, 16)
+    assert (ae.ch, ae.ch_mult, ae.num_res_blocks, ae.z_channels) == (A.AE.ch, A.AE.ch_mult, A.AE.num_res_blocks, 16)
     assert ae.scale_factor != 0.3611 and ae.shift_factor != 0.1159  # measured on the data, read back from the file
     img = pipe.generate("a red circle on the left", height=64, width=64, steps=2)[0]
     assert img.size == (64, 64)
 
 
 def test_checkpoint_round_trips(smoke, tmp_path):
-    model = T.init_dit(T.DIT, seed=1)
+    model = D.init_dit(D.DIT, seed=1)
     ema = {k: v.clone() + 1 for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(1, 4, 64), torch.zeros(1, 4, 3), torch.randn(1, 3, 32), torch.zeros(1, 3, 3),
           torch.rand(1), torch.randn(1, 32)).square().mean().backward()
     opt.step()
-    T.save_checkpoint(tmp_path / "c.safetensors", model, ema, opt, 7, 99, 0.5)
-    model2, ema2 = T.init_dit(T.DIT, seed=2), {k: torch.zeros_like(v) for k, v in ema.items()}
+    C.save_checkpoint(tmp_path / "c.safetensors", model, ema, opt, 7, 99, 0.5)
+    model2, ema2 = D.init_dit(D.DIT, seed=2), {k: torch.zeros_like(v) for k, v in ema.items()}
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
-    assert T.load_checkpoint(tmp_path / "c.safetensors", model2, ema2, opt2) == (7, 99)
+    assert C.load_checkpoint(tmp_path / "c.safetensors", model2, ema2, opt2) == (7, 99)
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), k
     assert all(torch.equal(ema[k], ema2[k]) for k in ema)
@@ -52,17 +52,17 @@ def test_ae_stage_resumes_from_its_checkpoint(tmp_path):
     """The autoencoder stage trains AE's widths on whole renders and checkpoints model, EMA and AdamW; run again
     on a finished checkpoint it trains nothing and writes the same EMA weights."""
     from safetensors.torch import load_file
-    T.stage_ae(tmp_path, 2, 0, batch=1, size=32, out="a.safetensors")
+    A.stage_ae(tmp_path, 2, 0, batch=1, size=32, out="a.safetensors")
     assert (tmp_path / "a.ckpt.safetensors").exists()
     first = load_file(tmp_path / "a.safetensors")
-    assert first["encoder.conv_in.weight"].shape[0] == T.AE.ch
-    from_ckpt = T.load_ae(tmp_path / "a.ckpt.safetensors").state_dict()   # its EMA weights: what was written
+    assert first["encoder.conv_in.weight"].shape[0] == A.AE.ch
+    from_ckpt = A.load_ae(tmp_path / "a.ckpt.safetensors").state_dict()   # its EMA weights: what was written
     assert all(torch.equal(first[k], v) for k, v in from_ckpt.items())
     (tmp_path / "a.safetensors").unlink()
-    T.stage_ae(tmp_path, 2, 0, batch=1, size=32, out="a.safetensors")
+    A.stage_ae(tmp_path, 2, 0, batch=1, size=32, out="a.safetensors")
     again = load_file(tmp_path / "a.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
-    T.stage_ae(tmp_path, 2, 0, batch=1, size=32, init="a.safetensors", out="b.safetensors")  # the next phase
+    A.stage_ae(tmp_path, 2, 0, batch=1, size=32, init="a.safetensors", out="b.safetensors")  # the next phase
     assert any(not torch.equal(first[k], v) for k, v in load_file(tmp_path / "b.safetensors").items())
 
 
@@ -72,17 +72,17 @@ def test_bf16_autocast_runs_on_the_cpu_with_the_device_code():
     import tempfile
     from pathlib import Path
     torch.manual_seed(0)
-    model = T.init_dit(T.DIT, seed=0)
+    model = D.init_dit(D.DIT, seed=0)
     for p in model.parameters():  # adaLN-Zero starts at zero velocity: give it an output
         torch.nn.init.normal_(p, std=0.02)
     lat, txt, vec = torch.randn(2, 16, 32, 32), torch.randn(2, 48, 32), torch.randn(2, 32)
     from minidit import sampling
     ids = sampling.image_ids(2, 256, 256)
-    loss = {bf16: T.rf_loss(model, lat, txt, vec, ids, torch.Generator().manual_seed(1), bf16=bf16).item()
+    loss = {bf16: D.rf_loss(model, lat, txt, vec, ids, torch.Generator().manual_seed(1), bf16=bf16).item()
             for bf16 in (False, True)}
     assert abs(loss[True] - loss[False]) < 0.02 * loss[False], loss
     with tempfile.TemporaryDirectory() as d:
-        T.stage_ae(Path(d), 1, 0, batch=1, size=32, bf16=True, device=torch.device("cpu"))
+        A.stage_ae(Path(d), 1, 0, batch=1, size=32, bf16=True, device=torch.device("cpu"))
         assert (Path(d) / "ae_phase0.safetensors").exists()
 
 
@@ -90,8 +90,8 @@ def test_render_workers_give_the_same_images():
     """--workers only renders the scenes the training process draws, so the data do not depend on it."""
     import multiprocessing
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        a = T.world_images(random.Random(3), 3, 32, pool)
-    b = T.world_images(random.Random(3), 3, 32)
+        a = A.world_images(random.Random(3), 3, 32, pool)
+    b = A.world_images(random.Random(3), 3, 32)
     assert a[0] == b[0] and torch.equal(a[1], b[1])
 
 
@@ -126,12 +126,12 @@ def test_dit_stage_extends_and_stops_at_a_step(smoke, tmp_path):
         with safe_open(str(work / "dit.safetensors"), "pt") as f:
             return int(f.metadata()["step"]), int(f.metadata()["steps"])
     assert meta() == (6, 6)
-    T.stage_dit(work, work / "repo", 10, 0, batch=4, extend=True, stop_at=8)
+    D.stage_dit(work, work / "repo", 10, 0, batch=4, extend=True, stop_at=8)
     assert meta() == (8, 10)
     before = (work / "dit.safetensors").read_bytes()
-    T.stage_dit(work, work / "repo", 10, 0, batch=4, extend=True, stop_at=8)
+    D.stage_dit(work, work / "repo", 10, 0, batch=4, extend=True, stop_at=8)
     assert (work / "dit.safetensors").read_bytes() == before
-    T.stage_dit(work, work / "repo", 10, 0, batch=4)
+    D.stage_dit(work, work / "repo", 10, 0, batch=4)
     assert meta() == (10, 10)
 
 
@@ -156,7 +156,7 @@ def test_tune_stage_trains_the_text_encoders_and_exports_them(smoke, tmp_path):
     work = tmp_path / "w"
     shutil.copytree(smoke, work)
     ckpt = (work / "tune.safetensors").read_bytes()
-    T.stage_tune(work, work / "repo", 4, 0, batch=4)
+    D.stage_tune(work, work / "repo", 4, 0, batch=4)
     assert (work / "tune.safetensors").read_bytes() == ckpt
 
 
@@ -197,9 +197,9 @@ def test_dit_loss_goes_down_on_a_fixed_batch(smoke):
     from minidit import sampling
     from minidit.text_encoder import TextEncoder
     lat = load_file(smoke / "latents.safetensors")["latents"][:4].float()
-    text = TextEncoder.load(smoke / "repo", device="cpu", dtype=torch.float32, max_length=T.T5_LENGTH)
+    text = TextEncoder.load(smoke / "repo", device="cpu", dtype=torch.float32, max_length=D.T5_LENGTH)
     txt, vec = text.encode(["a red circle on the left"] * 4)
-    model = T.init_dit(T.DIT, seed=0)
+    model = D.init_dit(D.DIT, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     x0, eps, t = sampling.pack(lat), torch.randn(4, 256, 64, generator=g), torch.rand(4, generator=g)
@@ -217,7 +217,7 @@ def test_dit_loss_goes_down_on_a_fixed_batch(smoke):
 
 
 def test_adaln_zero_init_starts_at_zero_velocity():
-    model = T.init_dit(T.DIT, seed=0)
+    model = D.init_dit(D.DIT, seed=0)
     out = model(torch.randn(2, 16, 64), torch.zeros(2, 16, 3), torch.randn(2, 5, 32), torch.zeros(2, 5, 3),
                 torch.rand(2), torch.randn(2, 32))
     assert out.abs().max() == 0
@@ -248,7 +248,7 @@ def test_sampler_times_have_the_density_of_the_sampler_steps():
     from minidit import sampling
     steps = sampling.get_schedule(1000, 256)[:-1].double()
     g = torch.Generator().manual_seed(0)
-    drawn = {d: T.train_times(20000, g, d).double() for d in T.T_DISTS}
+    drawn = {d: D.train_times(20000, g, d).double() for d in D.T_DISTS}
     for q in (0.5, 0.8, 0.9, 0.97):
         share = float((steps > q).double().mean())
         assert abs(float((drawn["sampler"] > q).double().mean()) - share) < 0.015, q
@@ -259,10 +259,10 @@ def test_object_cover_is_the_objects_share_of_each_token():
     """One object: its token coverage sits where it is drawn, sums to its area, and is zero elsewhere."""
     from minidit.weights import world
     scene = world.Scene((world.place(world.Subject("square", "red"), "on the left", "large"),), "flat", "blue")
-    cover = T.object_cover([scene])
+    cover = D.object_cover([scene])
     assert cover.shape == (1, 256)
     grid = cover[0].view(16, 16)
-    area = world.object_masks(scene, T.SIZE).sum() / 256.0
+    area = world.object_masks(scene, C.SIZE).sum() / 256.0
     assert abs(float(grid.sum()) - area) < 1e-3 * area
     ys, xs = torch.nonzero(grid > 0.5, as_tuple=True)
     assert xs.float().mean() < 6 and abs(ys.float().mean() - 7.5) < 1   # the left half, mid-height
@@ -276,15 +276,15 @@ def test_weighted_rf_loss_is_the_weighted_mean_over_tokens():
     fixed = torch.randn(2, 16, 64)
     forward = lambda xt, *a: fixed  # noqa: E731 - a model that always answers the same velocity
     ids, txt, vec = torch.zeros(2, 16, 3), torch.randn(2, 3, 32), torch.randn(2, 32)
-    loss = lambda w: T.rf_loss(forward, lat, txt, vec, ids, torch.Generator().manual_seed(1), weight=w)  # noqa
-    plain = T.rf_loss(forward, lat, txt, vec, ids, torch.Generator().manual_seed(1))
+    loss = lambda w: D.rf_loss(forward, lat, txt, vec, ids, torch.Generator().manual_seed(1), weight=w)  # noqa
+    plain = D.rf_loss(forward, lat, txt, vec, ids, torch.Generator().manual_seed(1))
     assert torch.allclose(loss(torch.ones(2, 16)), plain, rtol=1e-6)
     one = torch.zeros(2, 16)
     one[1, 5] = 3.0
     g = torch.Generator().manual_seed(1)
     from minidit import sampling
     x0 = sampling.pack(lat)
-    T.train_times(2, g)  # rf_loss draws the times first, then the noise
+    D.train_times(2, g)  # rf_loss draws the times first, then the noise
     eps = torch.randn(x0.shape, generator=g)
     assert torch.allclose(loss(one), (fixed[1, 5] - (eps - x0)[1, 5]).square().mean(), rtol=1e-5)
     assert not torch.allclose(loss(one), plain)

@@ -166,7 +166,7 @@ def test_flat_error_measures_tell_a_grid_and_a_frame_from_smooth_errors():
 
 @pytest.mark.xfail(strict=True, reason="issue 30: the shipped autoencoder (widths 32: each GroupNorm group one "
                    "channel) draws a frame (9.3 levels) and a grid (1.6); passes, and must then lose this mark, "
-                   "once an autoencoder of weights/train_tiny.AE's widths ships")
+                   "once an autoencoder of weights/train_ae.AE's widths ships")
 def test_autoencoder_draws_no_grid_or_frame_on_flat_colours(pipe):
     """The round trip of a flat image of each palette colour: its error has no component on the token grid above
     AE_GRID and no frame above AE_FRAME (quality.flat_errors, in levels; the instrument: the test above)."""

@@ -2,7 +2,7 @@
 
 Each function generates with a `Pipeline` and returns plain numbers; bench/quality.py prints and records them and
 tests/test_trained.py holds the built-in model to them. All evaluation scenes come from seeds disjoint from the
-training stream (weights/train_tiny.py draws scenes from `random.Random(seed + 2)`, these from 10_000 + ...).
+training stream (weights/train_ae.py stage_data draws scenes from `random.Random(seed + 2)`, these from 10_000 + ...).
 
     autoencoder  the round trip alone: PSNR on held-out renders, the object's colour named right, and on flat
                  palette colours a grid-locked pattern, a border frame and a colour offset (flat_errors)

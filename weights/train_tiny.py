@@ -7,7 +7,9 @@ repository in the official layouts (BFL single files and diffusers folders), rea
     python -m minidit.weights.train_tiny --work /tmp/smoke --smoke                      # seconds: CI's smoke test
 
 How weights/trained was made (the exact commands, times, losses, and what each choice measurably did) is in
-weights/README.md; this docstring says what the code does.
+weights/README.md; this docstring says what the code does. This file is the command, the text, init and export
+stages; train_ae.py holds the autoencoder and data stages, train_dit.py the DiT and tune stages, train_common.py
+what they share (learning-rate schedule, optimiser step with EMA, ticker, checkpoints).
 
 Stages (each skipped when its output exists in --work; the ae, dit and tune stages resume from their last
 checkpoint, written every few minutes):
@@ -55,20 +57,14 @@ import os
 import random
 import shutil
 import tempfile
-import time
-from dataclasses import asdict, replace
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from minidit import sampling
-from minidit.autoencoder import AutoEncoder, AutoEncoderConfig
-from minidit.text_encoder import TextEncoder
-from minidit.transformer import Flux, FluxConfig
+from minidit.autoencoder import AutoEncoderConfig
+from minidit.transformer import Flux
 
 from . import world
 from .tiny import MODEL_INDEX, SCHEDULERS
@@ -76,43 +72,15 @@ from .tiny_ae import write_tiny_ae
 from .tiny_flux import save_bfl, save_diffusers
 from .tiny_text import (CORPUS, TINY_T5, local_position_bias, write_clip_tokenizer, write_t5_tokenizer, write_tiny_clip,
                         write_tiny_t5)
+from .train_ae import AE_FINAL, AE_PHASES, stage_ae, stage_data
+from .train_common import SIZE, log
+from .train_dit import DIT, T5_LENGTH, T_DISTS, stage_dit, stage_tune
 
-SIZE = 256            # pixels: 32x32 latents, a 16x16 token grid
-T5_LENGTH = 48
-DIT = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=32, hidden_size=128, mlp_ratio=4.0,
-                 num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), qkv_bias=True,
-                 guidance_embed=False)
-# The autoencoder: FLUX's layout (4 levels, x8, 16 latent channels) at widths 64/64/128/128. GroupNorm has 32
-# groups at every width (as FLUX's), so at 32 channels (AutoEncoderConfig.tiny()) each group is a single channel:
-# the decoder's last GroupNorm then removes each channel's spatial mean, and a flat colour reaches conv_out only
-# through the zero padding at the border (the frame the first built-in autoencoder drew; weights/README.md).
-AE = AutoEncoderConfig(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
-# autoencoder phases: (steps, render pixels, batch, lr); whole renders, each phase from the previous one's weights
-AE_PHASES = ((3000, 64, 16, 5e-4), (1500, 128, 8, 1e-3), (500, SIZE, 4, 3e-4))
-AE_FINAL = f"ae_phase{len(AE_PHASES) - 1}.safetensors"  # the last phase's weights: what is encoded and exported
-MU = sampling.calculate_mu((SIZE // 16) ** 2)   # 0.5: FLUX.1-dev's shift at 256 image tokens
 # minidit.json (minidit/defaults.py): what the exported model is used with when a call does not say
 DEFAULTS = {"height": SIZE, "width": SIZE, "steps": 28, "guidance": 3.5, "true_cfg_scale": 4.0, "negative_prompt": "",
             "trained_pixels": [SIZE * SIZE, SIZE * SIZE]}
 SCHEDULER = {**SCHEDULERS["dev"]}               # dynamic shifting, as it is trained
-EMA = 0.995                                     # of the exported DiT weights (a ~200-step window)
-
-
-def log(msg: str) -> None:
-    print(time.strftime("%H:%M:%S"), msg, flush=True)
-
-
-def render_array(scene: world.Scene, size: int) -> np.ndarray:
-    return np.array(world.render(scene, size))
-
-
-def world_images(rng: random.Random, n: int, size: int = SIZE, pool=None) -> tuple[list, torch.Tensor]:
-    """n scenes and their renders as (n, 3, size, size) in [-1, 1]. The scenes are drawn here, in order; `pool`
-    (a multiprocessing pool, --workers) only renders them, so the data do not depend on it."""
-    scenes = [world.sample_scene(rng) for _ in range(n)]
-    arrays = (pool.map if pool is not None else map)(partial(render_array, size=size), scenes)
-    x = torch.stack([torch.from_numpy(a) for a in arrays])
-    return scenes, x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+STAGES = ("text", "ae", "data", "dit")  # --until: the stages a run can stop after
 
 
 def fp16_folder(folder: Path) -> None:
@@ -165,7 +133,7 @@ def init_problem(work: Path, src: Path) -> str | None:
     with safe_open(str(src / "flux1-schnell.safetensors"), "pt") as f:
         have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     if have != want:
-        return f"--init-from {src}: flux1-schnell.safetensors is not a DiT of this script's shapes (train_tiny.DIT)"
+        return f"--init-from {src}: flux1-schnell.safetensors is not a DiT of this script's shapes (train_dit.DIT)"
     return None
 
 
@@ -188,324 +156,6 @@ def stage_init(work: Path, src: Path) -> None:
     tensors = {**{f"model.{k}": v for k, v in dit.items()}, **{f"ema.{k}": v.clone() for k, v in dit.items()}}
     save_file(tensors, str(work / "dit.safetensors"), metadata={"step": "0", "steps": "0", "loss": "nan",
                                                                 "init_from": str(src)})
-
-
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on `device` (fp32 weights), or none."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def load_ae(path: Path, device: torch.device | str = "cpu") -> AutoEncoder:
-    """An autoencoder weights file of this script (any widths: the config is read from the shapes), or the EMA
-    weights of an ae phase's checkpoint (WORK/ae_phaseN.ckpt.safetensors), e.g. to measure a phase under way."""
-    sd = load_file(path)
-    if any(k.startswith("ema.") for k in sd):
-        sd = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
-    ae = AutoEncoder(AutoEncoderConfig.from_checkpoint(sd))
-    ae.load_state_dict(sd)
-    return ae.to(device)
-
-
-def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, size: int = 128, lr: float = 1e-3,
-             init: str | None = None, out: str = "ae_phase0.safetensors", device: torch.device = torch.device("cpu"),
-             bf16: bool = False, ckpt_every_s: float = 300.0, pool=None) -> None:
-    """Train (or, from `init`, continue training) the autoencoder on whole `size`-pixel world renders, fresh ones
-    every step; resumable from WORK/`out`.ckpt (model, EMA, AdamW); writes the EMA weights to WORK/`out`."""
-    torch.manual_seed(seed)
-    ae = (load_ae(work / init) if init is not None else AutoEncoder(AE)).to(device)
-    if init is None:
-        with torch.no_grad():  # start the posterior narrow (std e^-4), or its noise hides the latent from the decoder
-            ae.encoder.conv_out.bias[ae.cfg.z_channels:] = -8.0
-    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
-    ema = {k: v.detach().clone() for k, v in ae.state_dict().items()}
-    ckpt, start = work / out.replace(".safetensors", ".ckpt.safetensors"), 0
-    if ckpt.exists():
-        start, steps = load_checkpoint(ckpt, ae, ema, opt)
-        log(f"ae resumed at step {start} of {steps}")
-    rng = random.Random(seed * 7919 + 1 + start)
-    g = torch.Generator().manual_seed(seed + start)
-    tick = Ticker(f"ae {size}px", ckpt, ckpt_every_s, every_steps=25)
-    for step in range(start, steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_factor(step, steps, warmup=50)
-        x = world_images(rng, batch, size, pool)[1].to(device)
-        with autocast(device, bf16):
-            mean, logvar = ae.encoder(x).float().chunk(2, dim=1)
-            noise = torch.randn(mean.shape, generator=g).to(device)
-            y = ae.decoder(mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise).float()
-        rec = (y - x).abs().mean() + F.mse_loss(y, x)
-        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
-        optimize(ae, opt, ema, rec + 1e-4 * kl, step)
-        tick(step, steps, steps, rec.item(), ae, ema, opt)
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(work / out),
-              metadata={"final_rec": "" if tick.avg is None else f"{tick.avg:.5f}", "steps": str(steps),
-                        "size": str(size)})
-
-
-@torch.no_grad()
-def stage_data(work: Path, n: int, seed: int, device: torch.device = torch.device("cpu"), bf16: bool = False,
-               pool=None) -> None:
-    ae = load_ae(work / AE_FINAL, device)
-    rng = random.Random(seed + 2)
-    scenes, means, t0 = [], [], time.time()
-    for start in range(0, n, 32):
-        s, x = world_images(rng, min(32, n - start), pool=pool)
-        with autocast(device, bf16):
-            means.append(ae.encoder(x.to(device)).float().chunk(2, dim=1)[0].cpu())
-        scenes += s
-        if start % 640 == 0:
-            log(f"data {start}/{n} ({time.time() - t0:.0f} s)")
-    z = torch.cat(means)
-    shift, std = z.mean().item(), z.std().item()
-    if (work / "factors.json").exists():  # --init-from: keep the latent space the initial DiT was trained in
-        f = json.loads((work / "factors.json").read_text())
-        log(f"data: measured shift {shift:.4f}, scale {1 / std:.4f}; kept the initial repository's")
-        scale, shift = f["scale_factor"], f["shift_factor"]
-        latents = ((z - shift) * scale).half().contiguous()
-    else:
-        scale = 1.0 / std
-        latents = ((z - shift) / std).half().contiguous()
-    cfg = replace(ae.cfg, scale_factor=scale, shift_factor=shift)
-    (work / "cover.safetensors").unlink(missing_ok=True)  # the object cover of the scenes encoded before, if any
-    save_file({"latents": latents}, str(work / "latents.safetensors"),
-              metadata={"scale_factor": repr(cfg.scale_factor), "shift_factor": repr(cfg.shift_factor)})
-    (work / "scenes.json").write_text(json.dumps([asdict(s) for s in scenes]))
-    log(f"data done: {n} latents, shift {shift:.4f}, scale {scale:.4f}")
-
-
-def scene_from_dict(d: dict) -> world.Scene:
-    objs = tuple(world.Placed(world.Subject(**o["subject"]), o["size"], o["position"], o["cx"], o["cy"])
-                 for o in d["objects"])
-    return world.Scene(objs, d["background"], d["bg"], d["bg2"])
-
-
-def init_dit(cfg: FluxConfig, seed: int) -> Flux:
-    """PyTorch's default init, with adaLN-Zero: every modulation and the final projection start at zero, so each
-    block starts as the identity (DiT, Peebles & Xie 2023)."""
-    torch.manual_seed(seed)
-    model = Flux(cfg)
-    for name, p in model.named_parameters():
-        if "modulation" in name or name.startswith("final_layer.linear"):
-            torch.nn.init.zeros_(p)
-    return model
-
-
-def load_data(work: Path) -> tuple[torch.Tensor, list[world.Scene]]:
-    """The encoded latents (N, 16, 32, 32) fp16 and their scenes."""
-    latents = load_file(work / "latents.safetensors")["latents"]
-    return latents, [scene_from_dict(d) for d in json.loads((work / "scenes.json").read_text())]
-
-
-def object_cover(scenes: list[world.Scene]) -> torch.Tensor:
-    """(N, 256): the fraction of each image token's 16x16 pixels that the scene's objects cover (world.object_masks,
-    the ground truth), in sampling.pack's row-major token order."""
-    cover = [torch.from_numpy(world.object_masks(s, SIZE).sum(0).clip(0, 1)).float() for s in scenes]
-    return F.avg_pool2d(torch.stack(cover)[:, None], 16).flatten(1)
-
-
-def object_weights(work: Path, scenes: list[world.Scene], k: float) -> torch.Tensor:
-    """(N, 256) loss weight of each image token: 1 + k x `object_cover` (cached in WORK/cover.safetensors).
-    Why: objects cover ~9 % of the tokens, so under the plain mean the background's colour carries nearly all
-    the loss and the object's colour word barely moves it. Measured on the previous built-in model (48 held-out
-    single-object scenes at t = 0.97): loss 0.142 with the right caption, 0.159 with the object's colour word
-    swapped, 0.940 with the background's (weights/README.md)."""
-    path = work / "cover.safetensors"
-    if path.exists():
-        cover = load_file(path)["cover"]
-    else:
-        cover = object_cover(scenes)
-        save_file({"cover": cover.contiguous()}, str(path))
-    assert cover.shape == (len(scenes), (SIZE // 16) ** 2), f"{path}: not this work folder's scenes"
-    return 1.0 + k * cover
-
-
-def lr_factor(step: int, steps: int, warmup: int = 100) -> float:
-    """Linear warm-up, then a cosine down to 5% of the peak at `steps`."""
-    return min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-
-
-def sample_batch(scenes: list[world.Scene], batch: int, g: torch.Generator, rng: random.Random):
-    """-> (indices, captions): each attribute left out with p = 0.15, the whole caption dropped with p = 0.1."""
-    idx = torch.randint(len(scenes), (batch,), generator=g)
-    return idx, ["" if rng.random() < 0.1 else world.caption(scenes[i], rng, 0.15) for i in idx.tolist()]
-
-
-T_DISTS = ("logit-normal", "sampler")
-STAGES = ("text", "ae", "data", "dit")  # --until: the stages a run can stop after
-
-
-def train_times(batch: int, g: torch.Generator, dist: str = "logit-normal") -> torch.Tensor:
-    """Training times t in (0, 1), shifted by MU as the sampler's schedule is. "logit-normal": sigmoid(N(0, 1))
-    (SD3, what FLUX trains with): only 4.5 % of the draws land above t = 0.9, where the sampler spends 15 % of its
-    steps deciding which colour goes where. "sampler": u ~ U(0, 1), the density of the sampler's own steps."""
-    u = torch.sigmoid(torch.randn(batch, generator=g)) if dist == "logit-normal" else torch.rand(batch, generator=g)
-    return sampling.time_shift(MU, u).float()
-
-
-def rf_loss(forward, latents: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, img_ids: torch.Tensor,
-            g: torch.Generator, t_dist: str = "logit-normal", weight: torch.Tensor | None = None,
-            bf16: bool = False) -> torch.Tensor:
-    """FLUX's rectified-flow loss: x_t = (1-t) x0 + t eps, target v = eps - x0, t from `train_times`. `weight`
-    (B, 256): each image token's weight (`object_weights`); the loss is then the weighted mean. Runs where `txt`
-    is; times and noise are drawn from the CPU generator `g`."""
-    device = txt.device
-    x0 = sampling.pack(latents.to(device).float())                              # (B, 256, 64)
-    batch = x0.shape[0]
-    t = train_times(batch, g, t_dist).to(device)
-    eps = torch.randn(x0.shape, generator=g).to(device)
-    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-    with autocast(device, bf16):
-        v = forward(xt, img_ids.to(device), txt, sampling.text_ids(batch, txt.shape[1]).to(device), t, vec)
-    if weight is None:
-        return F.mse_loss(v.float(), eps - x0)
-    w = weight.to(device)
-    return ((v.float() - (eps - x0)) ** 2).mean(-1).mul(w).sum() / w.sum()
-
-
-def optimize(model: torch.nn.Module, opt, ema: dict, loss: torch.Tensor, step: int) -> None:
-    """One AdamW step (gradients clipped to norm 1) and the EMA update."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    with torch.no_grad():
-        for k, p in model.state_dict().items():
-            ema[k].lerp_(p, 1 - min(EMA, (1 + step) / (10 + step)))
-
-
-class Ticker:
-    """A stage's running loss, a log line every `every_steps` steps, a checkpoint every `every` seconds and at its
-    last step."""
-
-    def __init__(self, name: str, ckpt: Path, every: float, every_steps: int = 50):
-        self.name, self.ckpt, self.every, self.every_steps = name, ckpt, every, every_steps
-        self.t0 = self.last = time.time()
-        self.avg = None
-
-    def __call__(self, step: int, steps: int, end: int, loss: float, model, ema, opt) -> None:
-        self.avg = loss if self.avg is None else 0.99 * self.avg + 0.01 * loss
-        if step % self.every_steps == 0 or step == steps - 1:
-            log(f"{self.name} step {step}/{steps} loss {self.avg:.4f} ({time.time() - self.t0:.0f} s)")
-        if time.time() - self.last > self.every or step == end - 1:
-            save_checkpoint(self.ckpt, model, ema, opt, step + 1, steps, self.avg)
-            self.last = time.time()
-
-
-def stage_dit(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr: float = 5e-4,
-              ckpt_every_s: float = 300.0, minutes: float | None = None, extend: bool = False,
-              compile: bool = False, stop_at: int | None = None, device: torch.device = torch.device("cpu"),
-              bf16: bool = False) -> None:
-    """`minutes`: instead of a step count, time the first 20 steps and fix the total that fits (logged and
-    stored in the checkpoint, so `--dit-steps N` reproduces the run). `compile`: torch.compile the forward
-    (measured on the 2-core CPU: 0.56 instead of 0.75 s per step, after ~90 s of compiling). `stop_at`: end the
-    stage after that many steps of the run's schedule (the cosine keeps the run's total; the checkpoint records
-    the step reached, so a later call resumes from it)."""
-    latents, scenes = load_data(work)
-    text = TextEncoder.load(repo, device=device, dtype=torch.float32, max_length=T5_LENGTH)
-    model, ckpt = init_dit(DIT, seed).to(device), work / "dit.safetensors"
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    forward = torch.compile(model) if compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    start = 0
-    if ckpt.exists():
-        start, done_of = load_checkpoint(ckpt, model, ema, opt)
-        steps = max(done_of, steps if extend else 0)  # --dit-steps beyond the run's own total extends it
-        log(f"dit resumed at step {start} of {steps}")
-        minutes = None
-    g = torch.Generator().manual_seed(seed + start)
-    rng = random.Random(seed * 7919 + start)
-    img_ids = sampling.image_ids(batch, SIZE, SIZE)
-    t0, tick = time.time(), Ticker("dit", ckpt, ckpt_every_s)
-    step = start
-    while step < (end := steps if stop_at is None else min(steps, stop_at)):  # `steps` may be refitted below
-        if minutes is not None and step == start + 20:
-            rate = (time.time() - t0) / 20
-            steps = max(start + 21, int(minutes * 60 / rate))
-            log(f"dit: {rate:.2f} s/step -> {steps} steps in {minutes} minutes")
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_factor(step, steps)
-        idx, caps = sample_batch(scenes, batch, g, rng)
-        with torch.no_grad():
-            txt, vec = text.encode(caps)
-        loss = rf_loss(forward, latents[idx], txt, vec, img_ids, g, bf16=bf16)
-        optimize(model, opt, ema, loss, step)
-        tick(step, steps, end, loss.item(), model, ema, opt)
-        step += 1
-
-
-def stage_tune(work: Path, repo: Path, steps: int, seed: int, batch: int = 32, lr: float = 2e-4,
-               text_lr: float = 1e-3, ckpt_every_s: float = 300.0, compile: bool = False,
-               t_dist: str = "logit-normal", object_weight: float = 0.0, device: torch.device = torch.device("cpu"),
-               bf16: bool = False) -> None:
-    """The DiT stage's model (its EMA weights, what `export` writes) trained on for `steps` with both text
-    encoders trained jointly (at `text_lr`; 0: they stay frozen): a fresh AdamW, warm-up and cosine; resumable
-    from WORK/tune.safetensors (keys dit.*, t5.*, clip.*). What the options gave: weights/README.md."""
-    latents, scenes = load_data(work)
-    weights = object_weights(work, scenes, object_weight) if object_weight else None
-    text = TextEncoder.load(repo, device=device, dtype=torch.float32, max_length=T5_LENGTH)
-    joint = text_lr > 0
-    text.t5.requires_grad_(joint), text.clip.requires_grad_(joint)  # loaded frozen, for inference
-    dit = Flux(DIT).to(device)
-    model, ckpt = torch.nn.ModuleDict({"dit": dit, "t5": text.t5, "clip": text.clip}), work / "tune.safetensors"
-    groups = [{"params": list(dit.parameters()), "base": lr}]
-    if joint:
-        groups.append({"params": [*text.t5.parameters(), *text.clip.parameters()], "base": text_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.99))
-    forward = torch.compile(dit) if compile else dit
-    if ckpt.exists():
-        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        start, steps = load_checkpoint(ckpt, model, ema, opt)
-        log(f"tune resumed at step {start} of {steps}")
-    else:
-        start = 0
-        dit.load_state_dict({k[4:]: v for k, v in load_file(work / "dit.safetensors").items() if k.startswith("ema.")})
-        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(seed + 1_000_000 + start)
-    rng = random.Random(seed * 7919 + 1_000_000 + start)
-    img_ids = sampling.image_ids(batch, SIZE, SIZE)
-    tick = Ticker("tune", ckpt, ckpt_every_s)
-    for step in range(start, steps):
-        for group in opt.param_groups:
-            group["lr"] = group["base"] * lr_factor(step, steps)
-        idx, caps = sample_batch(scenes, batch, g, rng)
-        with torch.set_grad_enabled(joint):  # as TextEncoder.encode, which runs without gradients
-            _, vec = text.clip(text.clip_tokenizer(caps).to(device))
-            txt = text.t5(text.t5_tokenizer(caps).to(device))
-        w = None if weights is None else weights[idx]
-        loss = rf_loss(forward, latents[idx], txt, vec, img_ids, g, t_dist, w, bf16=bf16)
-        optimize(model, opt, ema, loss, step)
-        tick(step, steps, steps, loss.item(), model, ema, opt)
-
-
-def save_checkpoint(path: Path, model, ema, opt, step: int, steps: int, loss: float) -> None:
-    """Model, EMA and AdamW moments in one safetensors file (no pickle), written atomically."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.items()})
-    for i, st in opt.state_dict()["state"].items():
-        tensors[f"opt.{i}.exp_avg"], tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg"], st["exp_avg_sq"]
-        tensors[f"opt.{i}.step"] = st["step"].reshape(1).float()
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"step": str(step), "steps": str(steps), "loss": f"{loss:.5f}"})
-    tmp.replace(path)
-
-
-def load_checkpoint(path: Path, model, ema, opt) -> tuple[int, int]:
-    """Restore model, EMA and AdamW state; -> (steps done, total steps of the run)."""
-    from safetensors import safe_open
-    sd = load_file(path)
-    model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
-    for k in ema:
-        ema[k].copy_(sd[f"ema.{k}"])
-    state = opt.state_dict()
-    for i, p in enumerate(model.parameters()):
-        if f"opt.{i}.exp_avg" in sd:
-            state["state"][i] = {"exp_avg": sd[f"opt.{i}.exp_avg"], "exp_avg_sq": sd[f"opt.{i}.exp_avg_sq"],
-                                 "step": sd[f"opt.{i}.step"][0].clone()}
-    opt.load_state_dict(state)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    return int(meta["step"]), int(meta["steps"])
 
 
 def stage_export(work: Path, repo: Path, out: Path) -> Path:

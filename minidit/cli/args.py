@@ -238,6 +238,11 @@ def add_family_parsers(sub) -> None:
     for side in ("height", "width"):
         p.add_argument(f"--{side}", type=int, default=None, help="pixels; with both: their aspect ratio at ~1 MP, "
                        "as diffusers (default: the first reference's preferred resolution, as BFL's cli_kontext)")
+    p.add_argument("--max-area", type=int, default=None, help="the pixels a --height/--width request is scaled "
+                   "to, at its aspect ratio (default: 1048576 = 1024x1024, diffusers' max_area)")
+    p.add_argument("--no-auto-resize", action="store_true", help="keep each reference at its own size (floored to "
+                   "16 px) instead of the preferred Kontext resolution of its aspect ratio (diffusers' "
+                   "_auto_resize=False)")
     cfg_args(p)
     guidance_help(p, "2.5 (BFL's cli_kontext; diffusers' is 3.5)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt and seed (default: 1)")

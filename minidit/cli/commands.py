@@ -202,13 +202,16 @@ def cmd_kontext(args) -> None:
     apply_defaults(args, sized=False)
     args.guidance = family.KONTEXT_GUIDANCE if guidance is None else guidance
     args.steps = family.KONTEXT_STEPS if args.steps is None else args.steps
+    args.max_area = family.KONTEXT_MAX_AREA if args.max_area is None else args.max_area
+    validate.integer("--max-area", args.max_area, 256, 4096 ** 2)
     cfg = check_cfg(args)
     todo = record.plan(args)
     pipe = load_pipeline(args)
     record.run(args, pipe, "kontext", todo, lambda prompt, seed: pipe.kontext(
         args.image, prompt, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
-        seed=seed, negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg, progress=not args.quiet),
-        {"images": ";".join(args.image), **cfg})
+        seed=seed, max_area=args.max_area, auto_resize=not args.no_auto_resize, negative_prompt=args.negative_prompt,
+        true_cfg_scale=args.true_cfg, progress=not args.quiet),
+        {"images": ";".join(args.image), "max_area": args.max_area, "auto_resize": not args.no_auto_resize, **cfg})
 
 
 def cmd_img2img(args) -> None:

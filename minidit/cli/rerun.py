@@ -31,7 +31,7 @@ OPTIONS = frozenset({
     "prompt", "seed", "num_images", "steps", "guidance", "height", "width", "negative_prompt", "true_cfg", "dtype",
     "strength", "lambda_ref", "lambda_prompt", "vital_layers", "no_ans", "mu_shift_type", "preset", "set",
     "ref_prompt", "caption", "box", "offset", "scene_prompt", "tau", "no_perturb", "positions", "no_concat",
-    "image_prompt", "blend", "canvas"})
+    "image_prompt", "blend", "canvas", "max_area", "no_auto_resize"})
 MAX_RECORD = 1 << 20      # characters of the JSON chunk (PIL's own limit for one text chunk)
 MAX_LIST = 64             # values of one repeatable option
 MAX_TEXT = 1 << 16        # characters of one value

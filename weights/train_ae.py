@@ -1,0 +1,120 @@
+"""train_tiny's autoencoder: its widths and phases, the world's renders, the ae stage (whole renders, growing
+sizes) and the data stage (the scenes encoded once, the latent scale/shift measured)."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from minidit.autoencoder import AutoEncoder, AutoEncoderConfig
+
+from . import world
+from .train_common import SIZE, Ticker, autocast, load_checkpoint, log, lr_factor, optimize
+
+# The autoencoder: FLUX's layout (4 levels, x8, 16 latent channels) at widths 64/64/128/128. GroupNorm has 32
+# groups at every width (as FLUX's), so at 32 channels (AutoEncoderConfig.tiny()) each group is a single channel:
+# the decoder's last GroupNorm then removes each channel's spatial mean, and a flat colour reaches conv_out only
+# through the zero padding at the border (the frame the first built-in autoencoder drew; weights/README.md).
+AE = AutoEncoderConfig(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+# autoencoder phases: (steps, render pixels, batch, lr); whole renders, each phase from the previous one's weights
+AE_PHASES = ((3000, 64, 16, 5e-4), (1500, 128, 8, 1e-3), (500, SIZE, 4, 3e-4))
+AE_FINAL = f"ae_phase{len(AE_PHASES) - 1}.safetensors"  # the last phase's weights: what is encoded and exported
+
+
+def render_array(scene: world.Scene, size: int) -> np.ndarray:
+    return np.array(world.render(scene, size))
+
+
+def world_images(rng: random.Random, n: int, size: int = SIZE, pool=None) -> tuple[list, torch.Tensor]:
+    """n scenes and their renders as (n, 3, size, size) in [-1, 1]. The scenes are drawn here, in order; `pool`
+    (a multiprocessing pool, --workers) only renders them, so the data do not depend on it."""
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    arrays = (pool.map if pool is not None else map)(partial(render_array, size=size), scenes)
+    x = torch.stack([torch.from_numpy(a) for a in arrays])
+    return scenes, x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def load_ae(path: Path, device: torch.device | str = "cpu") -> AutoEncoder:
+    """An autoencoder weights file of this script (any widths: the config is read from the shapes), or the EMA
+    weights of an ae phase's checkpoint (WORK/ae_phaseN.ckpt.safetensors), e.g. to measure a phase under way."""
+    sd = load_file(path)
+    if any(k.startswith("ema.") for k in sd):
+        sd = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
+    ae = AutoEncoder(AutoEncoderConfig.from_checkpoint(sd))
+    ae.load_state_dict(sd)
+    return ae.to(device)
+
+
+def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, size: int = 128, lr: float = 1e-3,
+             init: str | None = None, out: str = "ae_phase0.safetensors", device: torch.device = torch.device("cpu"),
+             bf16: bool = False, ckpt_every_s: float = 300.0, pool=None) -> None:
+    """Train (or, from `init`, continue training) the autoencoder on whole `size`-pixel world renders, fresh ones
+    every step; resumable from WORK/`out`.ckpt (model, EMA, AdamW); writes the EMA weights to WORK/`out`."""
+    torch.manual_seed(seed)
+    ae = (load_ae(work / init) if init is not None else AutoEncoder(AE)).to(device)
+    if init is None:
+        with torch.no_grad():  # start the posterior narrow (std e^-4), or its noise hides the latent from the decoder
+            ae.encoder.conv_out.bias[ae.cfg.z_channels:] = -8.0
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    ema = {k: v.detach().clone() for k, v in ae.state_dict().items()}
+    ckpt, start = work / out.replace(".safetensors", ".ckpt.safetensors"), 0
+    if ckpt.exists():
+        start, steps = load_checkpoint(ckpt, ae, ema, opt)
+        log(f"ae resumed at step {start} of {steps}")
+    rng = random.Random(seed * 7919 + 1 + start)
+    g = torch.Generator().manual_seed(seed + start)
+    tick = Ticker(f"ae {size}px", ckpt, ckpt_every_s, every_steps=25)
+    for step in range(start, steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, steps, warmup=50)
+        x = world_images(rng, batch, size, pool)[1].to(device)
+        with autocast(device, bf16):
+            mean, logvar = ae.encoder(x).float().chunk(2, dim=1)
+            noise = torch.randn(mean.shape, generator=g).to(device)
+            y = ae.decoder(mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise).float()
+        rec = (y - x).abs().mean() + F.mse_loss(y, x)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+        optimize(ae, opt, ema, rec + 1e-4 * kl, step)
+        tick(step, steps, steps, rec.item(), ae, ema, opt)
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(work / out),
+              metadata={"final_rec": "" if tick.avg is None else f"{tick.avg:.5f}", "steps": str(steps),
+                        "size": str(size)})
+
+
+@torch.no_grad()
+def stage_data(work: Path, n: int, seed: int, device: torch.device = torch.device("cpu"), bf16: bool = False,
+               pool=None) -> None:
+    ae = load_ae(work / AE_FINAL, device)
+    rng = random.Random(seed + 2)
+    scenes, means, t0 = [], [], time.time()
+    for start in range(0, n, 32):
+        s, x = world_images(rng, min(32, n - start), pool=pool)
+        with autocast(device, bf16):
+            means.append(ae.encoder(x.to(device)).float().chunk(2, dim=1)[0].cpu())
+        scenes += s
+        if start % 640 == 0:
+            log(f"data {start}/{n} ({time.time() - t0:.0f} s)")
+    z = torch.cat(means)
+    shift, std = z.mean().item(), z.std().item()
+    if (work / "factors.json").exists():  # --init-from: keep the latent space the initial DiT was trained in
+        f = json.loads((work / "factors.json").read_text())
+        log(f"data: measured shift {shift:.4f}, scale {1 / std:.4f}; kept the initial repository's")
+        scale, shift = f["scale_factor"], f["shift_factor"]
+        latents = ((z - shift) * scale).half().contiguous()
+    else:
+        scale = 1.0 / std
+        latents = ((z - shift) / std).half().contiguous()
+    cfg = replace(ae.cfg, scale_factor=scale, shift_factor=shift)
+    (work / "cover.safetensors").unlink(missing_ok=True)  # the object cover of the scenes encoded before, if any
+    save_file({"latents": latents}, str(work / "latents.safetensors"),
+              metadata={"scale_factor": repr(cfg.scale_factor), "shift_factor": repr(cfg.shift_factor)})
+    (work / "scenes.json").write_text(json.dumps([asdict(s) for s in scenes]))
+    log(f"data done: {n} latents, shift {shift:.4f}, scale {scale:.4f}")
