@@ -5,9 +5,8 @@ Without --weights the built-in tiny checkpoint is used (weights/trained: a tiny 
 procedural world of shapes). Every value an option leaves unset is the model's (`model_defaults`: its
 minidit.json, read before it loads), written into the options before anything runs, so the record holds what ran.
 
-Threads (--threads): on the CPU the default is 1 torch thread for a narrow transformer (the built-in model, width
-128: 2 threads made it 26x slower on a shared 2-core machine) and torch's own choice for a full-width one (FLUX.1,
-3072: 2 threads were 0.79x the time of 1 there); bench/threads.py, bench/RESULTS.md. On a GPU: torch's choice.
+Threads (--threads): on the CPU 1 torch thread for a narrow transformer (the built-in model: 2 threads were 26x
+slower on a shared 2-core machine), else torch's choice (FLUX.1's width, a GPU); bench/threads.py, RESULTS.md.
 """
 from __future__ import annotations
 
@@ -202,16 +201,15 @@ def cmd_kontext(args) -> None:
     apply_defaults(args, sized=False)
     args.guidance = family.KONTEXT_GUIDANCE if guidance is None else guidance
     args.steps = family.KONTEXT_STEPS if args.steps is None else args.steps
-    args.max_area = family.KONTEXT_MAX_AREA if args.max_area is None else args.max_area
-    validate.integer("--max-area", args.max_area, 256, 4096 ** 2)
+    area = family.KONTEXT_MAX_AREA if args.max_area is None else args.max_area
+    sizing = dict(max_area=validate.integer("--max-area", area, 256, 4096 ** 2), auto_resize=not args.no_auto_resize)
     cfg = check_cfg(args)
     todo = record.plan(args)
     pipe = load_pipeline(args)
     record.run(args, pipe, "kontext", todo, lambda prompt, seed: pipe.kontext(
         args.image, prompt, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
-        seed=seed, max_area=args.max_area, auto_resize=not args.no_auto_resize, negative_prompt=args.negative_prompt,
-        true_cfg_scale=args.true_cfg, progress=not args.quiet),
-        {"images": ";".join(args.image), "max_area": args.max_area, "auto_resize": not args.no_auto_resize, **cfg})
+        seed=seed, negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg, progress=not args.quiet,
+        **sizing), {"images": ";".join(args.image), **sizing, **cfg})
 
 
 def cmd_img2img(args) -> None:
