@@ -71,8 +71,10 @@ mask comes from BiRefNet and the caption from two Qwen calls, which minidit leav
   passes the *user prompt* to the filter step instead of the image description; the paper describes the image.)
 
 Not global state: nothing is stored across steps or layers; the reference K/V live only inside the forward pass
-that computes them. The reference costs one extra batch item up to the last vital layer: with FLUX.1's defaults
-(last vital layer 56 of 57) about 2x the compute of plain generation (bench/RESULTS.md, "FreeCus").
+that computes them (unless a `cache=` keeps them for later calls whose reference pass is the same: refcache.py).
+The reference costs one extra batch item up to the last vital layer: with FLUX.1's defaults (last vital layer
+56 of 57) about 2x the compute of plain generation (bench/RESULTS.md, "FreeCus"); shared through a cache by
+prompts that give the reference its own prompt, ~1.04x (bench/share.py).
 """
 from __future__ import annotations
 
