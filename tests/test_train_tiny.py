@@ -66,6 +66,26 @@ def test_ae_stage_resumes_from_its_checkpoint(tmp_path):
     assert any(not torch.equal(first[k], v) for k, v in load_file(tmp_path / "b.safetensors").items())
 
 
+def test_crops_of_whole_renders(tmp_path, monkeypatch):
+    """crop_batch: one crop per render, a slice of it, at a border on an axis half the time (4000 draws: 0.5 ±
+    0.03); stage_ae with crop_from trains on those crops of whole renders of that size."""
+    x = torch.arange(5 * 3 * 64 * 64, dtype=torch.float32).reshape(5, 3, 64, 64)
+    rng = random.Random(0)
+    c = A.crop_batch(x, 16, rng)
+    assert c.shape == (5, 3, 16, 16)
+    for img, crop in zip(x, c):  # each crop is the slice at its own offset (the values encode their position)
+        a, b = int(crop[0, 0, 0]) % (64 * 64) // 64, int(crop[0, 0, 0]) % 64
+        assert torch.equal(crop, img[:, a:a + 16, b:b + 16])
+    rows = [int(A.crop_batch(x[:1], 16, rng)[0, 0, 0, 0]) // 64 for _ in range(4000)]
+    border = sum(r in (0, 48) for r in rows) / len(rows)
+    assert abs(border - (0.5 + 0.5 * 2 / 49)) < 0.03                  # half at a border, plus the uniform half's share
+    seen = []
+    real = A.crop_batch
+    monkeypatch.setattr(A, "crop_batch", lambda x, size, rng: seen.append(tuple(x.shape)) or real(x, size, rng))
+    A.stage_ae(tmp_path, 1, 0, batch=2, size=32, out="c.safetensors", crop_from=64)
+    assert seen == [(2, 3, 64, 64)] and (tmp_path / "c.safetensors").exists()
+
+
 def test_bf16_autocast_runs_on_the_cpu_with_the_device_code():
     """--device cuda's path (bf16 autocast, tensors moved to the device) is the CPU's with --bf16: the DiT loss
     under autocast is close to the fp32 one (same draws), and an autoencoder step runs."""

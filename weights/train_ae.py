@@ -24,8 +24,9 @@ from .train_common import SIZE, Ticker, autocast, load_checkpoint, log, lr_facto
 # the decoder's last GroupNorm then removes each channel's spatial mean, and a flat colour reaches conv_out only
 # through the zero padding at the border (the frame the first built-in autoencoder drew; weights/README.md).
 AE = AutoEncoderConfig(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
-# autoencoder phases: (steps, render pixels, batch, lr); whole renders, each phase from the previous one's weights
-AE_PHASES = ((3000, 64, 16, 5e-4), (1500, 128, 8, 1e-3), (500, SIZE, 4, 3e-4))
+# autoencoder phases: (steps, pixels, batch, lr, crop_from), each from the previous one's weights; crop_from None:
+# whole renders of that many pixels; a number: crops of that many pixels from whole renders of crop_from pixels
+AE_PHASES = ((3000, 64, 16, 5e-4, None), (1500, 128, 8, 1e-3, None), (500, SIZE, 4, 3e-4, None))
 AE_FINAL = f"ae_phase{len(AE_PHASES) - 1}.safetensors"  # the last phase's weights: what is encoded and exported
 
 
@@ -55,9 +56,10 @@ def load_ae(path: Path, device: torch.device | str = "cpu") -> AutoEncoder:
 
 def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, size: int = 128, lr: float = 1e-3,
              init: str | None = None, out: str = "ae_phase0.safetensors", device: torch.device = torch.device("cpu"),
-             bf16: bool = False, ckpt_every_s: float = 300.0, pool=None) -> None:
-    """Train (or, from `init`, continue training) the autoencoder on whole `size`-pixel world renders, fresh ones
-    every step; resumable from WORK/`out`.ckpt (model, EMA, AdamW); writes the EMA weights to WORK/`out`."""
+             bf16: bool = False, ckpt_every_s: float = 300.0, pool=None, crop_from: int | None = None) -> None:
+    """Train (or, from `init`, continue training) the autoencoder on whole `size`-pixel world renders (or, with
+    `crop_from`, `size`-pixel crops of whole `crop_from`-pixel renders: `crop_batch`), fresh ones every step;
+    resumable from WORK/`out`.ckpt (model, EMA, AdamW); writes the EMA weights to WORK/`out`."""
     torch.manual_seed(seed)
     ae = (load_ae(work / init) if init is not None else AutoEncoder(AE)).to(device)
     if init is None:
@@ -75,7 +77,8 @@ def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, size: int = 128,
     for step in range(start, steps):
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(step, steps, warmup=50)
-        x = world_images(rng, batch, size, pool)[1].to(device)
+        x = world_images(rng, batch, crop_from or size, pool)[1]
+        x = (x if crop_from is None else crop_batch(x, size, rng)).to(device)
         with autocast(device, bf16):
             mean, logvar = ae.encoder(x).float().chunk(2, dim=1)
             noise = torch.randn(mean.shape, generator=g).to(device)
@@ -87,6 +90,18 @@ def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, size: int = 128,
     save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(work / out),
               metadata={"final_rec": "" if tick.avg is None else f"{tick.avg:.5f}", "steps": str(steps),
                         "size": str(size)})
+
+
+def crop_batch(x: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
+    """One `size`-pixel crop of each render x (B, 3, R, R): on each axis at the render's border (either side) half
+    the time, anywhere otherwise. A crop inside a background is a flat image, which a whole render never is (the
+    side experiment in weights/README.md: the same PSNR as whole small renders, flat colours far better)."""
+    R = x.shape[-1]
+
+    def offset() -> int:
+        u = rng.random()
+        return 0 if u < 0.25 else R - size if u < 0.5 else rng.randrange(R - size + 1)
+    return torch.stack([img[:, a:a + size, b:b + size] for img in x for a, b in [(offset(), offset())]])
 
 
 @torch.no_grad()

@@ -23,8 +23,9 @@ checkpoint, written every few minutes):
   ae     the autoencoder in the FLUX layout with AE's widths (16 latent channels, x8), trained on whole world
          renders, small ones first (AE_PHASES): L1 + MSE reconstruction + 1e-4 KL (per element); the posterior
          starts narrow (log-variance bias -8) so its noise does not hide the latent; EMA weights are kept. Whole
-         renders, never crops: GroupNorm's statistics over a crop are not those of a whole image, and a smaller
-         render of the same scene has nearly the same ones.
+         renders by default (GroupNorm's statistics over a crop are not those of a whole image, and a smaller
+         render of the same scene has nearly the same ones); a phase's `crop_from` trains on crops of whole
+         renders of that size instead (train_ae.crop_batch; measured against whole renders in weights/README).
   data   N world scenes rendered at 256 and encoded (posterior mean) once; scale/shift factors measured on them
          (shift = mean, scale = 1/std) and stored in vae/config.json and ae.safetensors' metadata.
   dit    the MMDiT (FLUX layout, no guidance embedding: schnell-like, so the sampler uses true CFG) with FLUX's
@@ -208,16 +209,17 @@ def write_export(work: Path, repo: Path, tmp: Path) -> None:
 
 def train_ae_and_data(work: Path, args, device: torch.device, bf16: bool, pool) -> bool:
     """main's ae phases and data stage (each skipped when done); False when --until stops the run here."""
-    for i, (steps, size, batch, lr) in enumerate(AE_PHASES):
+    for i, (steps, size, batch, lr, crop_from) in enumerate(AE_PHASES):
         out = work / f"ae_phase{i}.safetensors"
         if args.smoke:
-            steps, size, batch = 3, 64, 2
+            steps, size, batch, crop_from = 3, 64, 2, crop_from and 128
         batch = args.ae_batch or batch
         if not out.exists() and not (work / AE_FINAL).exists():
-            log(f"stage ae, phase {i}: {steps} steps, whole {size}-pixel renders, batch {batch}, lr {lr}")
+            what = f"whole {size}-pixel renders" if crop_from is None else f"{size}-pixel crops of {crop_from}"
+            log(f"stage ae, phase {i}: {steps} steps, {what}, batch {batch}, lr {lr}")
             stage_ae(work, steps, args.seed + i, batch=batch, size=size, lr=lr,
                      init=None if i == 0 else f"ae_phase{i - 1}.safetensors", out=out.name, device=device,
-                     bf16=bf16, pool=pool)
+                     bf16=bf16, pool=pool, crop_from=crop_from)
     if args.until == "ae":
         return False
     if not (work / "latents.safetensors").exists():
