@@ -54,7 +54,7 @@ def main() -> None:
             for k, v in times.items()]
     import torch
     table = "\n".join([f"### CPU, {os.cpu_count()} CPUs, torch {torch.__version__}, Python {sys.version.split()[0]}; "
-                       f"load average {load0:.1f} at the start (other jobs running), {a.repeats} alternated runs",
+                       f"load average {load0:.1f} at the start, {a.repeats} alternated runs",
                        "", "| process | s min / med | vs import torch (medians) |", "|---|---|---|", *rows])
     print(table)
     if a.record:

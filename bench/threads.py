@@ -91,7 +91,7 @@ def main() -> None:
     import torch
     table = "\n".join([
         f"### CPU, {os.cpu_count()} CPUs, torch {torch.__version__}; load average {load0[0]:.1f} before, "
-        f"{load1[0]:.1f} after (other jobs running); full-width at {a.size}² + 512 text tokens, fp32",
+        f"{load1[0]:.1f} after; full-width at {a.size}² + 512 text tokens, fp32",
         "", "| case | threads | s min / med | time vs 1 thread (medians) |", "|---|---|---|---|", *rows])
     print(table)
     if a.record:

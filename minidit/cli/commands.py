@@ -5,8 +5,8 @@ Without --weights the built-in tiny checkpoint is used (weights/trained: a tiny 
 procedural world of shapes). Every value an option leaves unset is the model's (`model_defaults`: its
 minidit.json, read before it loads), written into the options before anything runs, so the record holds what ran.
 
-Threads (--threads): on the CPU 1 torch thread for a narrow transformer (the built-in model: 2 threads were 26x
-slower on a shared 2-core machine), else torch's choice (FLUX.1's width, a GPU); bench/threads.py, RESULTS.md.
+Threads (--threads): on the CPU 1 for a narrow transformer (the built-in model: the same pixels on any core count;
+2 threads were 26x slower on a shared machine), else torch's choice (FLUX.1's width); bench/threads.py, RESULTS.md.
 """
 from __future__ import annotations
 
