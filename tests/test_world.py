@@ -32,6 +32,19 @@ def test_caption_dropout_keeps_the_shape():
     assert len(caps) > 3 and all(s.objects[0].subject.shape in c for c in caps)
 
 
+def test_caption_dropout_never_drops_the_texture():
+    """A subject named without a texture word is plain: textured objects always say theirs, whatever `drop`."""
+    rng = random.Random(6)
+    textured = 0
+    for _ in range(300):
+        s = world.sample_scene(rng, n_objects=1)
+        c = world.caption(s, rng, 0.9)
+        t = s.objects[0].subject.texture
+        assert (t in c) == (t != "plain")
+        textured += t != "plain"
+    assert textured > 100  # the check saw many textured subjects
+
+
 def test_background_colours_differ_from_objects():
     rng = random.Random(4)
     for _ in range(200):

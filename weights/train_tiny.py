@@ -30,8 +30,9 @@ checkpoint, written every few minutes):
          (shift = mean, scale = 1/std) and stored in vae/config.json and ae.safetensors' metadata.
   dit    the MMDiT (FLUX layout, no guidance embedding: schnell-like, so the sampler uses true CFG) with FLUX's
          rectified-flow objective: x_t = (1-t) x0 + t eps, target v = eps - x0; t logit-normal (SD3) then shifted
-         with FLUX.1-dev's mu for 256 tokens (mu = 0.5), the schedule it is sampled with. Captions leave out each
-         attribute with p = 0.15 and are dropped whole with p = 0.1 (the empty prompt), so classifier-free guidance
+         with FLUX.1-dev's mu for 256 tokens (mu = 0.5), the schedule it is sampled with. Captions leave out the
+         size, colour, position and background each with p = 0.15 (never the shape or the texture word: a subject
+         named without one is plain; world.describe) and are dropped whole with p = 0.1 (the empty prompt), so classifier-free guidance
          works. AdamW, warm-up then cosine, fp32 weights, EMA 0.995 (what is exported).
   tune   (--tune-steps N) the dit stage's EMA model trained on for N steps more, a fresh AdamW (DiT 2e-4), warm-up
          and cosine. Options: --local-t5 gives the frozen T5 a designed local position bias first
