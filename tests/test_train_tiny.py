@@ -30,6 +30,26 @@ def test_smoke_run_writes_a_loadable_repository(smoke):
     assert img.size == (64, 64)
 
 
+def test_autoencoder_width_lets_a_flat_colour_through_the_last_norm():
+    """The decoder's last GroupNorm normalises each group over its channels and all pixels: on a flat area a group
+    of 2 channels keeps only a sign, one of 3 a continuous number (weights/README.md). So AE keeps >= 3 channels
+    per group there, and two flat colours stay apart after that norm."""
+    from minidit.autoencoder import AutoEncoder
+    norm = AutoEncoder(A.AE).decoder.norm_out
+    assert norm.num_channels // norm.num_groups >= 3
+    torch.manual_seed(0)
+    mix = torch.randn(norm.num_channels, 3, dtype=torch.float64)  # some per-channel reading of a colour
+
+    def after_norm(n: torch.nn.GroupNorm, rgb) -> torch.Tensor:
+        x = (mix[:n.num_channels] @ torch.tensor(rgb, dtype=torch.float64))[None, :, None, None].expand(1, -1, 8, 8)
+        return torch.nn.functional.group_norm(x, n.num_groups, eps=n.eps)
+    a, b = (0.9, 0.1, 0.1), (0.8, 0.3, 0.2)
+    assert (after_norm(norm, a) - after_norm(norm, b)).abs().max() > 0.01
+    assert (after_norm(norm, a).abs() - 1).abs().max() > 0.1                # values, not just signs
+    two = torch.nn.GroupNorm(32, 64, eps=norm.eps)                           # the 64-wide run's last norm
+    assert (after_norm(two, a).abs() - 1).abs().max() < 1e-3                 # every value +-1: signs only
+
+
 def test_checkpoint_round_trips(smoke, tmp_path):
     model = D.init_dit(D.DIT, seed=1)
     ema = {k: v.clone() + 1 for k, v in model.state_dict().items()}

@@ -19,14 +19,20 @@ from minidit.autoencoder import AutoEncoder, AutoEncoderConfig
 from . import world
 from .train_common import SIZE, Ticker, autocast, load_checkpoint, log, lr_factor, optimize
 
-# The autoencoder: FLUX's layout (4 levels, x8, 16 latent channels) at widths 64/64/128/128. GroupNorm has 32
-# groups at every width (as FLUX's), so at 32 channels (AutoEncoderConfig.tiny()) each group is a single channel:
-# the decoder's last GroupNorm then removes each channel's spatial mean, and a flat colour reaches conv_out only
-# through the zero padding at the border (the frame the first built-in autoencoder drew; weights/README.md).
-AE = AutoEncoderConfig(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+# The autoencoder: FLUX's layout (4 levels, x8, 16 latent channels) at width 96 on every level. GroupNorm has 32
+# groups at every width (as FLUX's). The decoder's last GroupNorm (norm_out) sees every pixel the picture gets, and
+# on a flat area it leaves each group's channels with zero mean and unit variance: with 1 channel per group (width
+# 32, the first built-in AE) nothing of the colour survives, with 2 (width 64) only the sign of each pair's
+# difference, with 3 one continuous number per group (32 in all). A flat colour that cannot pass the norm reaches
+# conv_out only through the zero padding at the border: the frame and the wrong colours of the narrower widths
+# (weights/README.md, measured). FLUX itself has 128 channels there (4 per group). 96 on the lower levels too keeps
+# the exported AE at 3.3 M parameters (13 MB in the two fp16 layouts).
+AE = AutoEncoderConfig(ch=96, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 # autoencoder phases: (steps, pixels, batch, lr, crop_from), each from the previous one's weights; crop_from None:
-# whole renders of that many pixels; a number: crops of that many pixels from whole renders of crop_from pixels
-AE_PHASES = ((3000, 64, 16, 5e-4, None), (1500, 128, 8, 1e-3, None), (500, SIZE, 4, 3e-4, None))
+# whole renders of that many pixels; a number: crops of that many pixels from whole renders of crop_from pixels.
+# Crops of the target scale first (cheap steps, and a crop inside a background is a flat image, which a whole
+# render never is), then a short phase on whole renders for GroupNorm's whole-image statistics.
+AE_PHASES = ((3000, 64, 16, 5e-4, SIZE), (1500, 128, 8, 1e-3, SIZE), (500, SIZE, 4, 3e-4, None))
 AE_FINAL = f"ae_phase{len(AE_PHASES) - 1}.safetensors"  # the last phase's weights: what is encoded and exported
 
 

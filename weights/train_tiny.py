@@ -20,12 +20,12 @@ checkpoint, written every few minutes):
          (FLUX trains its MMDiT against frozen encoders; the tune stage can train them jointly). The T5 tokenizer is
          a SentencePiece model trained on the generic tiny corpus plus world captions, so most of the world's words
          are single pieces; T5 gets 48 tokens (tokenizer_2's model_max_length, which minidit reads).
-  ae     the autoencoder in the FLUX layout with AE's widths (16 latent channels, x8), trained on whole world
-         renders, small ones first (AE_PHASES): L1 + MSE reconstruction + 1e-4 KL (per element); the posterior
-         starts narrow (log-variance bias -8) so its noise does not hide the latent; EMA weights are kept. Whole
-         renders by default (GroupNorm's statistics over a crop are not those of a whole image, and a smaller
-         render of the same scene has nearly the same ones); a phase's `crop_from` trains on crops of whole
-         renders of that size instead (train_ae.crop_batch; measured against whole renders in weights/README).
+  ae     the autoencoder in the FLUX layout with AE's widths (16 latent channels, x8), trained in the phases of
+         AE_PHASES: crops of whole 256-pixel world renders first (train_ae.crop_batch: 64, then 128 pixels), then
+         whole renders (GroupNorm's statistics over a crop are not those of a whole image); L1 + MSE
+         reconstruction + 1e-4 KL (per element); the posterior starts narrow (log-variance bias -8) so its noise
+         does not hide the latent; EMA weights are kept. weights/README.md has the measurements behind the widths
+         and the crops.
   data   N world scenes rendered at 256 and encoded (posterior mean) once; scale/shift factors measured on them
          (shift = mean, scale = 1/std) and stored in vae/config.json and ae.safetensors' metadata.
   dit    the MMDiT (FLUX layout, no guidance embedding: schnell-like, so the sampler uses true CFG) with FLUX's
