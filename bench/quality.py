@@ -3,7 +3,8 @@
     python bench/quality.py                      # the built-in trained model, every row, ~10-20 min on 2 CPU cores
     python bench/quality.py --n 4 --only t2i     # a quick look
     python bench/quality.py --record             # + the table into bench/RESULTS.md
-    python bench/quality.py --grids docs         # + one picture grid per method: reference | mask | plain | method
+    python bench/quality.py --grids docs         # + one picture grid per method: reference | mask | plain | method,
+                                                 #   and the τ sweep: reference | mask | τ = 0 ... 1
 
 Every row is computed from fixed seeds on evaluation scenes drawn from a stream disjoint from the training one.
 """
@@ -78,6 +79,14 @@ def personalize_rows(pipe, n, steps):
         r = Q.personalize(pipe, n=n, mode=mode, steps=steps, preset=preset, shape_only=True)
         rows.append((f"personalize ({mode}), the prompt names only the subject's shape", f"preset \"{preset}\": "
                      "subject PSNR dB, method / plain same prompt", f"{r['psnr']:.1f} / {r['psnr_plain']:.1f}"))
+    sweep = {tau: Q.personalize(pipe, n=n, steps=steps, preset="paper", tau=tau, perturb=False) for tau in TAUS}
+    rows.append(("personalize (in place), subject reconstruction (the paper's Fig. 2)", "tokens replaced at every "
+                 "step (τ = 0, no perturbation): subject PSNR dB against the reference's own autoencoder round trip "
+                 "/ against the render", f"{sweep[0.0]['psnr_trip']:.1f} / {sweep[0.0]['psnr']:.1f}"))
+    rows.append(("personalize (in place), τ sweep (the paper's Table 3)", "τ = " + " / ".join(f"{t:g}" for t in TAUS)
+                 + " (no perturbation; 1: never replaced): subject PSNR dB against the round trip; background as "
+                 "prompted", " / ".join(f"{sweep[t]['psnr_trip']:.1f}" for t in TAUS) + "; "
+                 + " / ".join(f"{sweep[t]['background']:.2f}" for t in TAUS)))
     return rows
 
 
@@ -117,12 +126,14 @@ def time_row(pipe, steps):
              f"{np.median(times):.2f} s (median of 3)")]
 
 
+TAUS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # the τ sweep: replacement during the first (1 - τ) of the steps
 SECTIONS = {"ae": ae_rows, "t2i": t2i_rows, "personalize": personalize_rows, "edit": edit_rows, "freecus": freecus_rows}
 
 
 def grids(pipe, folder: Path, steps) -> list[Path]:
     """One image per method: reference | mask | plain generation | method (same prompt and seed); inpainting
-    shows the input where the others show plain generation, outpainting the pasted crop and its kept area."""
+    shows the input where the others show plain generation, outpainting the pasted crop and its kept area; the τ
+    sweep: reference | mask | Personalize Anything at each of TAUS (preset paper without perturbation)."""
     from PIL import Image
 
     from minidit.masks import Reference
@@ -156,8 +167,11 @@ def grids(pipe, folder: Path, steps) -> list[Path]:
     oplain = pipe.generate(world.caption(centred), height=256, width=256, steps=steps, seed=0,
                            **Q.cfg_kwargs(pipe, 4.0))[0]
     outp = pipe.outpaint(crop, world.caption(centred), (256, 256), steps=steps, seed=0)[0]
+    sweep = [pipe.personalize(prompt, Reference(ref, Q._mask_tensor(mask)), height=256, width=256, steps=steps,
+                              seed=0, preset="paper", tau=tau, perturb=False)[0] for tau in TAUS]
     rows = {"personalize": [ref, mask_im, plain, pa], "freecus": [ref, mask_im, fplain, fc],
-            "inpaint": [full, box_im, full, inp], "outpaint": [canvas, kept, oplain, outp]}
+            "inpaint": [full, box_im, full, inp], "outpaint": [canvas, kept, oplain, outp],
+            "tau_sweep": [ref, mask_im] + sweep}
     out = []
     for name, ims in rows.items():
         g = Image.new("RGB", (256 * len(ims), 256))
