@@ -1,4 +1,5 @@
-"""What the built-in tiny FLUX.1 does, measured against the procedural world's ground truth (weights/quality.py).
+"""What the built-in tiny FLUX.1 does, measured against the procedural world's ground truth (weights/quality.py,
+quality_methods.py).
 
     python bench/quality.py                      # the built-in trained model, every row, ~10-20 min on 2 CPU cores
     python bench/quality.py --n 4 --only t2i     # a quick look
@@ -25,6 +26,7 @@ from common import record  # noqa: E402
 
 from minidit.pipeline import Pipeline  # noqa: E402
 from minidit.weights import quality as Q  # noqa: E402
+from minidit.weights import quality_methods as M  # noqa: E402
 from minidit.weights import world  # noqa: E402
 
 
@@ -63,7 +65,7 @@ def ae_rows(pipe, n, steps):
 def personalize_rows(pipe, n, steps):
     rows = []
     for mode in ("in place", "offset", "multi", "scene"):
-        r = Q.personalize(pipe, n=n, mode=mode, steps=steps)
+        r = M.personalize(pipe, n=n, mode=mode, steps=steps)
         rows.append((f"personalize ({mode})", "subject PSNR dB: method / plain same caption",
                      f"{r['psnr']:.1f} / {r['psnr_plain']:.1f}"))
         if mode == "scene":
@@ -71,15 +73,15 @@ def personalize_rows(pipe, n, steps):
         else:
             rows.append((f"personalize ({mode})", "background as prompted: method / plain",
                          f"{r['background']:.2f} / {r['background_plain']:.2f}"))
-    r = Q.personalize(pipe, n=n, steps=steps, preset="official")
+    r = M.personalize(pipe, n=n, steps=steps, preset="official")
     rows.append(("personalize (in place), preset \"official\"", "the released code's settings (τ 0.5 on the shifted "
                  "time, no perturbation, no concatenation): subject PSNR dB, method / plain same caption",
                  f"{r['psnr']:.1f} / {r['psnr_plain']:.1f}"))
     for mode, preset in (("in place", "paper"), ("offset", "paper"), ("in place", "official")):
-        r = Q.personalize(pipe, n=n, mode=mode, steps=steps, preset=preset, shape_only=True)
+        r = M.personalize(pipe, n=n, mode=mode, steps=steps, preset=preset, shape_only=True)
         rows.append((f"personalize ({mode}), the prompt names only the subject's shape", f"preset \"{preset}\": "
                      "subject PSNR dB, method / plain same prompt", f"{r['psnr']:.1f} / {r['psnr_plain']:.1f}"))
-    sweep = {tau: Q.personalize(pipe, n=n, steps=steps, preset="paper", tau=tau, perturb=False) for tau in TAUS}
+    sweep = {tau: M.personalize(pipe, n=n, steps=steps, preset="paper", tau=tau, perturb=False) for tau in TAUS}
     rows.append(("personalize (in place), subject reconstruction (the paper's Fig. 2)", "tokens replaced at every "
                  "step (τ = 0, no perturbation): subject PSNR dB against the reference's own autoencoder round trip "
                  "/ against the render", f"{sweep[0.0]['psnr_trip']:.1f} / {sweep[0.0]['psnr']:.1f}"))
@@ -91,7 +93,7 @@ def personalize_rows(pipe, n, steps):
 
 
 def edit_rows(pipe, n, steps):
-    a, b = Q.inpaint(pipe, n=n, steps=steps), Q.outpaint(pipe, n=n, steps=steps)
+    a, b = M.inpaint(pipe, n=n, steps=steps), M.outpaint(pipe, n=n, steps=steps)
     return [("inpaint", "PSNR kept region dB / new object's colour as prompted",
              f"{a['psnr_kept']:.1f} / {a['colour']:.2f}"),
             ("outpaint", "PSNR pasted image dB / new border's colour as prompted",
@@ -107,7 +109,7 @@ def freecus_rows(pipe, n, steps):
                 ("FreeCus, λ = 1", dict(lambda_ref=1.0, lambda_prompt=1.0))]
     rows = []
     for name, kw in variants:
-        r = Q.freecus(pipe, n=n, steps=steps, **kw)
+        r = M.freecus(pipe, n=n, steps=steps, **kw)
         rows.append(("FreeCus", f"{name}: reference colour / aligned PSNR dB / background",
                      f"{r['colour']:.2f} / {r['psnr_aligned']:.1f} / {r['background']:.2f}"))
     return rows
@@ -139,20 +141,20 @@ def grids(pipe, folder: Path, steps) -> list[Path]:
     from minidit.masks import Reference
     folder.mkdir(parents=True, exist_ok=True)
     s = Q.eval_scenes(1, 7, textured=True)[0]
-    ref, mask = world.render(s, Q.SIZE), Q.subject_mask(s)
+    ref, mask = world.render(s, Q.SIZE), M.subject_mask(s)
     mask_im = Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
-    target = Q.new_background(s, random.Random(0))
-    prompt = Q.shape_prompt(target)  # the subject named by its shape only, as the test's (quality.personalize)
+    target = M.new_background(s, random.Random(0))
+    prompt = M.shape_prompt(target)  # the subject named by its shape only, as the test's (quality_methods.personalize)
     plain = pipe.generate(prompt, height=256, width=256, steps=steps, seed=0, **Q.cfg_kwargs(pipe, 4.0))[0]
-    pa = pipe.personalize(prompt, Reference(ref, Q._mask_tensor(mask)), height=256, width=256, steps=steps, seed=0,
+    pa = pipe.personalize(prompt, Reference(ref, M.mask_tensor(mask)), height=256, width=256, steps=steps, seed=0,
                           preset="official")[0]  # the released code's settings: what the test holds the model to
     p = s.objects[0]
-    dx, dy = Q._offset_for(p)
-    moved = Q.new_background(Q._moved(s, dx, dy), random.Random(1))
-    fprompt = Q.shape_prompt(moved)
+    dx, dy = M.offset_for(p)
+    moved = M.new_background(M.moved_scene(s, dx, dy), random.Random(1))
+    fprompt = M.shape_prompt(moved)
     cap = world.describe(world.Placed(p.subject, "", "", 0, 0)).replace("  ", " ").strip()
     fplain = pipe.generate(fprompt, height=256, width=256, steps=steps, seed=0, **Q.cfg_kwargs(pipe, 4.0))[0]
-    fc = pipe.freecus(fprompt, Reference(ref, Q._mask_tensor(mask)), caption=cap, height=256, width=256,
+    fc = pipe.freecus(fprompt, Reference(ref, M.mask_tensor(mask)), caption=cap, height=256, width=256,
                       steps=steps, seed=0)[0]
     full = world.render(s, Q.SIZE)
     box = (48, 48, 160, 160)
@@ -167,7 +169,7 @@ def grids(pipe, folder: Path, steps) -> list[Path]:
     oplain = pipe.generate(world.caption(centred), height=256, width=256, steps=steps, seed=0,
                            **Q.cfg_kwargs(pipe, 4.0))[0]
     outp = pipe.outpaint(crop, world.caption(centred), (256, 256), steps=steps, seed=0)[0]
-    sweep = [pipe.personalize(prompt, Reference(ref, Q._mask_tensor(mask)), height=256, width=256, steps=steps,
+    sweep = [pipe.personalize(prompt, Reference(ref, M.mask_tensor(mask)), height=256, width=256, steps=steps,
                               seed=0, preset="paper", tau=tau, perturb=False)[0] for tau in TAUS]
     rows = {"personalize": [ref, mask_im, plain, pa], "freecus": [ref, mask_im, fplain, fc],
             "inpaint": [full, box_im, full, inp], "outpaint": [canvas, kept, oplain, outp],

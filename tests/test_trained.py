@@ -1,4 +1,4 @@
-"""The built-in trained tiny model, held to what it measurably does (weights/quality.py; numbers in
+"""The built-in trained tiny model, held to what it measurably does (weights/quality.py, quality_methods.py; numbers in
 bench/RESULTS.md). Every threshold sits between the measured value and the value of a deliberately broken
 variant, and each test also runs that broken variant and checks it fails — so these tests can fail.
 
@@ -10,6 +10,7 @@ from PIL import Image
 
 from minidit.pipeline import Pipeline
 from minidit.weights import quality as Q
+from minidit.weights import quality_methods as M
 
 N, STEPS = 12, 16   # scenes per measurement (inpainting: 6), sampling steps
 # measured with these N/STEPS on the built-in model (the second tune, object-weighted; bench/RESULTS.md, "Tiny
@@ -57,7 +58,7 @@ def test_personalize_copies_the_subject(pipe, monkeypatch):
     settings 10.19 vs 8.77; the broken variant 8.90 (official) / 8.43 (paper). With the full caption this
     model draws the subject's colour itself (plain 13.04 dB) and the method adds +0.17 dB (official) or loses
     1.9 dB (paper): bench/RESULTS.md."""
-    r = Q.personalize(pipe, n=N, steps=STEPS, preset="official", shape_only=True)
+    r = M.personalize(pipe, n=N, steps=STEPS, preset="official", shape_only=True)
     assert r["psnr"] >= PA_PSNR and r["psnr"] - r["psnr_plain"] >= PA_GAIN, r
     # broken: the reference tokens replace the wrong target tokens (every destination 5 tokens further on)
     import dataclasses
@@ -66,7 +67,7 @@ def test_personalize_copies_the_subject(pipe, monkeypatch):
     real = P.plan_regions
     monkeypatch.setattr(P, "plan_regions", lambda *a, **k: [dataclasses.replace(r, dst=(r.dst + 5) % 256)
                                                              for r in real(*a, **k)])
-    broken = Q.personalize(pipe, n=N, steps=STEPS, preset="official", shape_only=True)
+    broken = M.personalize(pipe, n=N, steps=STEPS, preset="official", shape_only=True)
     assert not (broken["psnr"] >= PA_PSNR and broken["psnr"] - broken["psnr_plain"] >= PA_GAIN), broken
 
 
@@ -79,7 +80,7 @@ def test_reconstruction_is_measured_against_the_references_round_trip(pipe, monk
         return [Q.round_trip(pipe, ref.image)]
     monkeypatch.setattr(pipe, "personalize", perfect)
     monkeypatch.setattr(pipe, "generate", lambda prompt, **kw: [Image.new("RGB", (Q.SIZE, Q.SIZE))])
-    r = Q.personalize(pipe, n=2, steps=2)
+    r = M.personalize(pipe, n=2, steps=2)
     assert r["psnr_trip"] > 140.0 and r["psnr"] < 30.0, r
 
 
@@ -88,29 +89,29 @@ def test_the_methods_plain_baseline_runs_without_true_cfg(pipe, monkeypatch):
     although the built-in model's own default (minidit.json) is true CFG 4: quality.cfg_kwargs turns it off."""
     calls, real = [], pipe.generate
     monkeypatch.setattr(pipe, "generate", lambda prompt, **kw: calls.append(kw) or real(prompt, **kw))
-    Q.personalize(pipe, n=1, steps=1)
-    Q.freecus(pipe, n=1, steps=1, plain=True)
+    M.personalize(pipe, n=1, steps=1)
+    M.freecus(pipe, n=1, steps=1, plain=True)
     assert len(calls) == 2 and pipe.with_defaults()[4] == 4.0
     assert all(pipe.with_defaults(true_cfg_scale=kw.get("true_cfg_scale"))[4] == 1.0 for kw in calls), calls
 
 
 def test_inpaint_keeps_the_preserved_region(pipe):
-    r = Q.inpaint(pipe, n=6, steps=STEPS)
+    r = M.inpaint(pipe, n=6, steps=STEPS)
     assert r["psnr_kept"] >= INPAINT_PSNR, r
     # broken: τ = 1 replaces nothing, so nothing is preserved but what the model happens to redraw
-    broken = Q.inpaint(pipe, n=6, steps=STEPS, tau=1.0)
+    broken = M.inpaint(pipe, n=6, steps=STEPS, tau=1.0)
     assert broken["psnr_kept"] < INPAINT_PSNR, broken
 
 
 def test_freecus_transfers_the_subject(pipe, monkeypatch):
-    r = Q.freecus(pipe, n=N, steps=STEPS, caption=False)
-    plain = Q.freecus(pipe, n=N, steps=STEPS, caption=False, plain=True)
+    r = M.freecus(pipe, n=N, steps=STEPS, caption=False)
+    plain = M.freecus(pipe, n=N, steps=STEPS, caption=False, plain=True)
     assert r["colour"] - plain["colour"] >= FREECUS_GAIN, (r, plain)
     # broken: attention sharing off (no vital layer: the reference never enters the target's attention; the
     # API refuses an empty list, so the check that would refuse it is bypassed)
     import minidit.freecus as fc
     monkeypatch.setattr(fc, "check_vital_layers", lambda layers, n: [])
-    broken = Q.freecus(pipe, n=N, steps=STEPS, caption=False)
+    broken = M.freecus(pipe, n=N, steps=STEPS, caption=False)
     assert broken["colour"] - plain["colour"] < FREECUS_GAIN, (broken, plain)
 
 

@@ -8,7 +8,7 @@ render is the "real" reference photo, its object mask the subject mask, its shap
 its description without size and place the FreeCus caption ("a red striped star"; the world's analogue of the
 authors' MLLM caption). Its prompts re-draw the subject in new scenes: the same place, each prompt a new
 background (flat, gradient, ground under a sky, grid lines) in colours other than the subject's and the
-reference's background, named as `quality.shape_prompt` does: "a star on the left, on a blue background" — so
+reference's background, named as `quality_methods.shape_prompt` does: "a star on the left, on a blue background" — so
 only the reference can give the subject's colour and texture, and the prompt alone decides the background.
 
 Ground-truth metrics of each generated image (the world's detectors, weights/world.py):
@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 from ..weights import world
-from ..weights.quality import psnr, shape_prompt
+from ..weights.quality import psnr
+from ..weights.quality_methods import shape_prompt
 from .cases import Case, Subject
 
 SIZE = 256
