@@ -68,6 +68,40 @@ def test_checkpoint_round_trips(smoke, tmp_path):
     assert all(torch.equal(s1[i]["exp_avg_sq"], s2[i]["exp_avg_sq"]) for i in s1)
 
 
+def test_light_checkpoint_resumes_the_ae_stage_from_its_ema_weights(tmp_path, monkeypatch):
+    """A light checkpoint keeps a stage's EMA weights alone (fp16, small enough to commit); the stage resumes from
+    it at the same step with those weights as model and EMA, fresh AdamW moments and its lr warmed up again."""
+    from safetensors.torch import load_file
+
+    from minidit.autoencoder import AutoEncoder
+    ae = AutoEncoder(A.AE)
+    ema = {k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in ae.state_dict().items()}
+    opt = torch.optim.AdamW(ae.parameters(), lr=1e-3)
+    ae.decoder(torch.randn(1, 16, 4, 4)).square().mean().backward()
+    opt.step()
+    full, light = tmp_path / "full.safetensors", tmp_path / "light.safetensors"
+    C.save_checkpoint(full, ae, ema, opt, 2, 4, 0.5)               # 2 of 4 steps done
+    C.light_checkpoint(full, light)
+    sd = load_file(light)
+    assert set(sd) == {f"model.{k}" for k in ema} and light.stat().st_size < full.stat().st_size / 6
+    assert all(torch.equal(sd[f"model.{k}"], v.half()) for k, v in ema.items() if v.is_floating_point())
+    ae2 = AutoEncoder(A.AE)
+    ema2 = {k: torch.zeros_like(v) for k, v in ae2.state_dict().items()}
+    opt2 = torch.optim.AdamW(ae2.parameters(), lr=1e-3)
+    assert C.load_checkpoint(light, ae2, ema2, opt2) == (2, 4) and not opt2.state
+    for k, v in ae2.state_dict().items():
+        assert torch.equal(v, sd[f"model.{k}"].to(v.dtype)) and torch.equal(ema2[k], v), k
+    work = tmp_path / "work"
+    work.mkdir()
+    light.rename(work / "b.ckpt.safetensors")
+    seen, real = [], C.rewarm
+    monkeypatch.setattr(A, "rewarm", lambda step, start, fresh, **k: seen.append((step, start, fresh)) or
+                        real(step, start, fresh, **k))
+    A.stage_ae(work, 4, 0, batch=1, size=32, out="b.safetensors")
+    assert seen == [(2, 2, True), (3, 2, True)] and (work / "b.safetensors").exists()
+    assert C.rewarm(10, 10, True) == 1 / 50 and C.rewarm(59, 10, True) == 1.0 and C.rewarm(10, 10, False) == 1.0
+
+
 def test_ae_stage_resumes_from_its_checkpoint(tmp_path):
     """The autoencoder stage trains AE's widths on whole renders and checkpoints model, EMA and AdamW; run again
     on a finished checkpoint it trains nothing and writes the same EMA weights."""

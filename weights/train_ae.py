@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from minidit.autoencoder import AutoEncoder, AutoEncoderConfig
 
 from . import world
-from .train_common import SIZE, Ticker, autocast, load_checkpoint, log, lr_factor, optimize
+from .train_common import SIZE, Ticker, autocast, load_checkpoint, log, lr_factor, optimize, rewarm
 
 # The autoencoder: FLUX's layout (4 levels, x8, 16 latent channels) at width 96 on every level. GroupNorm has 32
 # groups at every width (as FLUX's). The decoder's last GroupNorm (norm_out) sees every pixel the picture gets, and
@@ -73,16 +73,17 @@ def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, size: int = 128,
             ae.encoder.conv_out.bias[ae.cfg.z_channels:] = -8.0
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in ae.state_dict().items()}
-    ckpt, start = work / out.replace(".safetensors", ".ckpt.safetensors"), 0
+    ckpt, start, fresh = work / out.replace(".safetensors", ".ckpt.safetensors"), 0, False
     if ckpt.exists():
         start, steps = load_checkpoint(ckpt, ae, ema, opt)
-        log(f"ae resumed at step {start} of {steps}")
+        fresh = start > 0 and not opt.state  # a light checkpoint: no AdamW moments
+        log(f"ae resumed at step {start} of {steps}" + (" (weights only: lr warmed up again)" if fresh else ""))
     rng = random.Random(seed * 7919 + 1 + start)
     g = torch.Generator().manual_seed(seed + start)
     tick = Ticker(f"ae {size}px", ckpt, ckpt_every_s, every_steps=25)
     for step in range(start, steps):
         for group in opt.param_groups:
-            group["lr"] = lr * lr_factor(step, steps, warmup=50)
+            group["lr"] = lr * lr_factor(step, steps, warmup=50) * rewarm(step, start, fresh)
         x = world_images(rng, batch, crop_from or size, pool)[1]
         x = (x if crop_from is None else crop_batch(x, size, rng)).to(device)
         with autocast(device, bf16):

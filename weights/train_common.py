@@ -71,12 +71,14 @@ def save_checkpoint(path: Path, model, ema, opt, step: int, steps: int, loss: fl
 
 
 def load_checkpoint(path: Path, model, ema, opt) -> tuple[int, int]:
-    """Restore model, EMA and AdamW state; -> (steps done, total steps of the run)."""
+    """Restore model, EMA and AdamW state; -> (steps done, total steps of the run). A light checkpoint
+    (`light_checkpoint`: weights only) restores the weights as both model and EMA and leaves AdamW fresh."""
     from safetensors import safe_open
     sd = load_file(path)
     model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
+    weights = model.state_dict()
     for k in ema:
-        ema[k].copy_(sd[f"ema.{k}"])
+        ema[k].copy_(sd[f"ema.{k}"] if f"ema.{k}" in sd else weights[k])
     state = opt.state_dict()
     for i, p in enumerate(model.parameters()):
         if f"opt.{i}.exp_avg" in sd:
@@ -86,3 +88,25 @@ def load_checkpoint(path: Path, model, ema, opt) -> tuple[int, int]:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     return int(meta["step"]), int(meta["steps"])
+
+
+def light_checkpoint(src: Path, dst: Path) -> None:
+    """A checkpoint's EMA weights alone, in fp16, as `model.*` with its step metadata: small enough to commit, so a
+    stage survives the machine it ran on (the AE's 96-wide phase 0: 6.6 MB instead of 53). `load_checkpoint`
+    resumes from it with EMA = the weights and fresh AdamW moments; the stage then warms its lr up again (`rewarm`)."""
+    from safetensors import safe_open
+    sd = load_file(src)
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    tensors = {f"model.{k[4:]}": (v.half() if v.is_floating_point() else v).contiguous()
+               for k, v in sd.items() if k.startswith("ema.")}
+    tmp = dst.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={**meta, "light": "ema weights, fp16"})
+    tmp.replace(dst)
+
+
+def rewarm(step: int, start: int, fresh: bool, warmup: int = 50) -> float:
+    """The lr factor of a stage resumed at `start` without AdamW moments (`fresh`: a light checkpoint): a linear
+    warm-up over `warmup` steps from there, as at the start (fresh moments make Adam's first steps full-size);
+    else 1."""
+    return min(1.0, (step - start + 1) / warmup) if fresh else 1.0
