@@ -50,11 +50,14 @@ def world_images(rng: random.Random, n: int, size: int = SIZE, pool=None) -> tup
 
 
 def load_ae(path: Path, device: torch.device | str = "cpu") -> AutoEncoder:
-    """An autoencoder weights file of this script (any widths: the config is read from the shapes), or the EMA
-    weights of an ae phase's checkpoint (WORK/ae_phaseN.ckpt.safetensors), e.g. to measure a phase under way."""
+    """An autoencoder weights file of this script (any widths: the config is read from the shapes), the EMA
+    weights of an ae phase's checkpoint (WORK/ae_phaseN.ckpt.safetensors), e.g. to measure a phase under way, or
+    the weights of a light checkpoint (train_common.light_checkpoint), in fp32."""
     sd = load_file(path)
-    if any(k.startswith("ema.") for k in sd):
-        sd = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
+    for prefix in ("ema.", "model."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
+            break
     ae = AutoEncoder(AutoEncoderConfig.from_checkpoint(sd))
     ae.load_state_dict(sd)
     return ae.to(device)
