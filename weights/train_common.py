@@ -64,9 +64,14 @@ def save_checkpoint(path: Path, model, ema, opt, step: int, steps: int, loss: fl
     for i, st in opt.state_dict()["state"].items():
         tensors[f"opt.{i}.exp_avg"], tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg"], st["exp_avg_sq"]
         tensors[f"opt.{i}.step"] = st["step"].reshape(1).float()
+    save_atomic({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
+                {"step": str(step), "steps": str(steps), "loss": f"{loss:.5f}"})
+
+
+def save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
+    """A safetensors file written beside `path` and renamed into place: a crash never leaves half a checkpoint."""
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"step": str(step), "steps": str(steps), "loss": f"{loss:.5f}"})
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
 
 
@@ -100,9 +105,7 @@ def light_checkpoint(src: Path, dst: Path) -> None:
         meta = f.metadata()
     tensors = {f"model.{k[4:]}": (v.half() if v.is_floating_point() else v).contiguous()
                for k, v in sd.items() if k.startswith("ema.")}
-    tmp = dst.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={**meta, "light": "ema weights, fp16"})
-    tmp.replace(dst)
+    save_atomic(tensors, dst, {**meta, "light": "ema weights, fp16"})
 
 
 def rewarm(step: int, start: int, fresh: bool, warmup: int = 50) -> float:
