@@ -65,12 +65,14 @@ def load_ae(path: Path, device: torch.device | str = "cpu") -> AutoEncoder:
 
 def stage_ae(work: Path, steps: int, seed: int, batch: int = 8, size: int = 128, lr: float = 1e-3,
              init: str | None = None, out: str = "ae_phase0.safetensors", device: torch.device = torch.device("cpu"),
-             bf16: bool = False, ckpt_every_s: float = 300.0, pool=None, crop_from: int | None = None) -> None:
+             bf16: bool = False, ckpt_every_s: float = 300.0, pool=None, crop_from: int | None = None,
+             cfg: AutoEncoderConfig = AE) -> None:
     """Train (or, from `init`, continue training) the autoencoder on whole `size`-pixel world renders (or, with
     `crop_from`, `size`-pixel crops of whole `crop_from`-pixel renders: `crop_batch`), fresh ones every step;
-    resumable from WORK/`out`.ckpt (model, EMA, AdamW); writes the EMA weights to WORK/`out`."""
+    resumable from WORK/`out`.ckpt (model, EMA, AdamW); writes the EMA weights to WORK/`out`. `cfg`: the widths of
+    a new autoencoder (ae_width.py compares some)."""
     torch.manual_seed(seed)
-    ae = (load_ae(work / init) if init is not None else AutoEncoder(AE)).to(device)
+    ae = (load_ae(work / init) if init is not None else AutoEncoder(cfg)).to(device)
     if init is None:
         with torch.no_grad():  # start the posterior narrow (std e^-4), or its noise hides the latent from the decoder
             ae.encoder.conv_out.bias[ae.cfg.z_channels:] = -8.0
